@@ -1,0 +1,430 @@
+"""Configuration: one validated, frozen tree, loaded once at start.
+
+Sources, lowest to highest precedence: built-in defaults, the YAML file given with
+``--config``, then environment variables ``ENERGY_BRIDGE_<SECTION>__<KEY>`` (for example
+``ENERGY_BRIDGE_MQTT__PORT=1884``). Unknown keys are rejected; every error names its key.
+Cloud credentials are *not* configuration: they come from the vendor's standard variables
+``ALIBABA_CLOUD_ACCESS_KEY_ID`` / ``..._SECRET`` / ``ALIBABA_CLOUD_SECURITY_TOKEN`` or from
+files named under ``cloud.credentials`` (see :mod:`bridge.credentials`).
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bridge.errors import ConfigError
+
+__all__ = [
+    "BatchSettings",
+    "CloudSettings",
+    "CredentialsSettings",
+    "HttpSettings",
+    "LogSettings",
+    "MqttSettings",
+    "PayloadFormat",
+    "Route",
+    "Settings",
+    "SpoolSettings",
+    "TlsSettings",
+    "load_settings",
+]
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
+_KNOWN_FIELDS = {"deviceType", "deviceId", "point"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class MqttProtocol(str, Enum):
+    """MQTT protocol version spoken to the broker."""
+
+    V5 = "v5"
+    V311 = "v311"
+
+
+class TlsSettings(_Section):
+    """TLS to the broker. Server verification is on whenever TLS is on."""
+
+    enabled: bool = False
+    """Connect with TLS (usually port 8883)."""
+    ca_file: Path | None = None
+    """CA bundle used to verify the broker; the system store when unset."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for mutual TLS."""
+    key_file: Path | None = None
+    """Private key (PEM) of the client certificate."""
+    insecure: bool = False
+    """Skip verification of the broker's certificate and host name. Never in production."""
+
+
+class MqttSettings(_Section):
+    """The plant's MQTT broker and the bridge's persistent session on it."""
+
+    host: str = "127.0.0.1"
+    """Broker host name or address."""
+    port: int = Field(default=1883, ge=1, le=65535)
+    """Broker port."""
+    client_id: str = Field(default="energy-bridge", min_length=1, max_length=128)
+    """Fixed client id: the broker keeps the session (and unacknowledged messages) under it."""
+    protocol: MqttProtocol = MqttProtocol.V5
+    """``v5`` (recommended) or ``v311``."""
+    username: str | None = None
+    """Broker user name."""
+    password: SecretStr | None = None
+    """Broker password (prefer ``password_file``)."""
+    password_file: Path | None = None
+    """File holding the broker password (a mounted secret); re-read on reconnect."""
+    keepalive_secs: int = Field(default=30, ge=5, le=3600)
+    """MQTT keepalive interval."""
+    session_expiry_secs: int = Field(default=7 * 24 * 3600, ge=0)
+    """How long the broker keeps the session while the bridge is away (MQTT v5)."""
+    receive_maximum: int = Field(default=4096, ge=1, le=65535)
+    """MQTT v5 Receive Maximum: QoS 1 messages the broker may have unacknowledged at once."""
+    reconnect_min_secs: float = Field(default=0.5, gt=0)
+    """First reconnect delay cap; the delay doubles up to ``reconnect_max_secs``, full jitter."""
+    reconnect_max_secs: float = Field(default=30.0, gt=0)
+    """Largest reconnect delay."""
+    max_payload_bytes: int = Field(default=256 * 1024, ge=64)
+    """Messages with a larger payload are rejected (dead-lettered truncated)."""
+    tls: TlsSettings = TlsSettings()
+    """TLS options."""
+
+
+class PayloadFormat(str, Enum):
+    """How a route's payload is read."""
+
+    JSON = "json"
+    """A JSON object (one reading) or an array of objects (several readings, e.g. back-fill)."""
+    VALUE = "value"
+    """A bare value for the one point named by ``{point}`` in the topic."""
+
+
+class Route(_Section):
+    """A topic template plus the way its payloads are read."""
+
+    topic: str = "meters/{deviceType}/{deviceId}/telemetry"
+    """Topic template; ``{deviceType}``, ``{deviceId}`` and ``{point}`` each take one level."""
+    format: PayloadFormat = PayloadFormat.JSON
+    """Payload format."""
+    device_type: str | None = None
+    """Fixed device type for topics without ``{deviceType}``."""
+    time_key: str = "ts"
+    """Key of the reading's time in a JSON payload; every other key is a data point."""
+    renames: dict[str, str] = Field(default_factory=dict)
+    """Point renames applied before sending, e.g. ``{voltage_a: Ua}``."""
+    scale: dict[str, str] = Field(default_factory=dict)
+    """Exact decimal factors per point (after renames), e.g. ``{Ep_imp: "0.001"}`` for Wh->kWh."""
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        names = _PLACEHOLDER.findall(value)
+        unknown = set(names) - _KNOWN_FIELDS
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {sorted(_KNOWN_FIELDS)}")
+        if len(names) != len(set(names)):
+            raise ValueError("a placeholder appears twice")
+        for level in value.split("/"):
+            if ("{" in level or "}" in level) and not _PLACEHOLDER.fullmatch(level):
+                raise ValueError(f"placeholder must fill a whole topic level: {level!r}")
+            if level in {"+", "#"}:
+                raise ValueError("use {placeholders}, not MQTT wildcards, in a route template")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, value: dict[str, str]) -> dict[str, str]:
+        for point, factor in value.items():
+            try:
+                ok = Decimal(str(factor)).is_finite()
+            except InvalidOperation:
+                ok = False
+            if not ok:
+                raise ValueError(f"scale for {point!r} must be a finite decimal, got {factor!r}")
+        return {k: str(v) for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> Route:
+        names = set(_PLACEHOLDER.findall(self.topic))
+        if "deviceType" not in names and self.device_type is None:
+            raise ValueError("topic has no {deviceType}: set device_type")
+        if self.format is PayloadFormat.VALUE and "point" not in names:
+            raise ValueError("format 'value' needs a {point} level in the topic")
+        return self
+
+    @property
+    def subscription(self) -> str:
+        """The MQTT topic filter that covers this template."""
+        return _PLACEHOLDER.sub("+", self.topic)
+
+
+class CredentialsSource(str, Enum):
+    """Where cloud credentials come from."""
+
+    ENV = "env"
+    """``ALIBABA_CLOUD_ACCESS_KEY_ID`` / ``_SECRET`` / ``ALIBABA_CLOUD_SECURITY_TOKEN``."""
+    FILE = "file"
+    """The files named below (mounted secrets), re-read on SIGHUP."""
+    CHAIN = "chain"
+    """The vendor's ``alibabacloud-credentials`` default chain (RAM role, STS, OIDC)."""
+
+
+class CredentialsSettings(_Section):
+    """Cloud AccessKey / STS credentials source. No secret is ever written here."""
+
+    source: CredentialsSource = CredentialsSource.ENV
+    """``env``, ``file`` or ``chain``."""
+    access_key_id_file: Path | None = None
+    """File holding the AccessKey id (source ``file``)."""
+    access_key_secret_file: Path | None = None
+    """File holding the AccessKey secret (source ``file``)."""
+    security_token_file: Path | None = None
+    """File holding an STS token (source ``file``, optional)."""
+
+    @model_validator(mode="after")
+    def _check_files(self) -> CredentialsSettings:
+        if self.source is CredentialsSource.FILE and (
+            self.access_key_id_file is None or self.access_key_secret_file is None
+        ):
+            raise ValueError("source 'file' needs access_key_id_file and access_key_secret_file")
+        return self
+
+
+class CloudSettings(_Section):
+    """The Energy Expert push API."""
+
+    endpoint: str = "http://127.0.0.1:8080"
+    """Base URL incl. scheme, e.g. ``https://energyexpertexternal.cn-hangzhou.aliyuncs.com``.
+    The default is the local stand-in (``energy-bridge cloud-stub``)."""
+    max_in_flight: int = Field(default=4, ge=1, le=256)
+    """Upper bound of concurrent push requests (the adaptive limit stays below it)."""
+    request_timeout_secs: float = Field(default=15.0, gt=0)
+    """Total timeout of one push request."""
+    connect_timeout_secs: float = Field(default=5.0, gt=0)
+    """Timeout to establish the connection."""
+    retry_initial_secs: float = Field(default=0.5, gt=0)
+    """Backoff cap of the first retry; doubles per attempt, full jitter."""
+    retry_max_secs: float = Field(default=30.0, gt=0)
+    """Largest backoff between attempts of one batch."""
+    verify_tls: bool = True
+    """Verify the endpoint's TLS certificate. Never turn off in production."""
+    user_agent: str = "energy-bridge/0.1"
+    """User-Agent header (signed)."""
+    credentials: CredentialsSettings = CredentialsSettings()
+    """Credentials source."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be a full URL with scheme, e.g. https://host")
+        if parts.path not in {"", "/"} or parts.query:
+            raise ValueError("give the base URL only; the push path is added by the bridge")
+        return value.rstrip("/")
+
+
+class BatchSettings(_Section):
+    """How readings are grouped into requests."""
+
+    max_devices: int = Field(default=100, ge=1, le=10_000)
+    """Most ``devices[]`` entries in one request."""
+    max_bytes: int = Field(default=512 * 1024, ge=1024)
+    """Largest request body in bytes."""
+    linger_secs: float = Field(default=1.0, ge=0)
+    """How long a batch waits for more readings after its first one."""
+    window_secs: int = Field(default=60, ge=1)
+    """Readings are grouped by deviceType and recordTime window of this many seconds."""
+
+
+class SyncMode(str, Enum):
+    """SQLite ``synchronous`` setting of the spool."""
+
+    FULL = "full"
+    """fsync on every commit: acknowledged readings survive power loss."""
+    NORMAL = "normal"
+    """fsync at checkpoints only: survives process crashes, not power loss. Faster."""
+
+
+class SpoolSettings(_Section):
+    """The local durable spool (SQLite, WAL)."""
+
+    path: Path = Path("./energy-bridge.db")
+    """Spool database file."""
+    max_bytes: int = Field(default=1024**3, ge=64 * 1024)
+    """Stop acknowledging MQTT messages once the spool holds this much."""
+    synchronous: SyncMode = SyncMode.FULL
+    """``full`` or ``normal``."""
+    commit_max_rows: int = Field(default=5000, ge=1)
+    """Most messages in one group commit."""
+
+
+class HttpSettings(_Section):
+    """The metrics and health endpoint."""
+
+    listen: str = "127.0.0.1:9108"
+    """``host:port`` for ``/metrics``, ``/healthz``, ``/readyz``; loopback by default."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9108")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Host part of ``listen``."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """Port part of ``listen``."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class LogFormat(str, Enum):
+    """Log line format."""
+
+    AUTO = "auto"
+    """JSON when stderr is not a terminal, readable text on a terminal."""
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogSettings(_Section):
+    """Logging."""
+
+    level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+    format: LogFormat = LogFormat.AUTO
+    """``auto``, ``json`` or ``text``."""
+
+    @field_validator("level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+
+class Settings(BaseSettings):
+    """Everything energy-bridge can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ENERGY_BRIDGE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    """The broker."""
+    routes: list[Route] = Field(default_factory=lambda: [Route()], min_length=1)
+    """Topic templates and payload formats; the default is the JSON telemetry route."""
+    cloud: CloudSettings = CloudSettings()
+    """The push API."""
+    batch: BatchSettings = BatchSettings()
+    """Batching."""
+    spool: SpoolSettings = SpoolSettings()
+    """The durable spool."""
+    http: HttpSettings = HttpSettings()
+    """Metrics and health endpoint."""
+    log: LogSettings = LogSettings()
+    """Logging."""
+    timezone: str = "Asia/Shanghai"
+    """IANA zone recordTime is written in, and in which times without offset are read."""
+    shutdown_grace_secs: float = Field(default=10.0, ge=0)
+    """On SIGTERM, how long in-flight pushes may take before the bridge exits anyway."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load and validate the configuration.
+
+    Args:
+        path: a YAML file, or ``None`` for defaults plus environment.
+
+    Returns:
+        The frozen settings.
+
+    Raises:
+        ConfigError: naming the first offending key (``mqtt.port``) and what is wrong.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("", f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _format_loc(tuple(first["loc"]))
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the configuration reference)"
+        more = len(exc.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise ConfigError(key, message) from None

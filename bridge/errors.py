@@ -1,0 +1,96 @@
+"""The exception tree of energy-bridge.
+
+::
+
+    BridgeError                   anything the bridge raises on purpose
+    ├── ConfigError               bad configuration; names the offending key
+    ├── MappingError              a message that cannot become readings; carries a reason code
+    ├── SpoolError                the local spool cannot do what was asked
+    │   └── SpoolFullError        spool.max_bytes reached or the disk is full
+    ├── CredentialsError          no usable AccessKey / STS credentials
+    └── PushError                 a PushDeviceData call did not end in "success"
+
+Every exception carries its context as attributes, never secrets, and chains its
+cause with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BridgeError",
+    "ConfigError",
+    "CredentialsError",
+    "MappingError",
+    "PushError",
+    "SpoolError",
+    "SpoolFullError",
+]
+
+
+class BridgeError(Exception):
+    """Base class of every error energy-bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """The configuration is invalid.
+
+    Attributes:
+        key: dotted path of the offending setting (``mqtt.port``), or ``""`` for the file.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class MappingError(BridgeError):
+    """A message cannot be turned into readings.
+
+    Attributes:
+        reason: a short stable code used as a metric label (``bad_json``, ``bad_time`` ...).
+        detail: a human sentence saying what exactly is wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class SpoolError(BridgeError):
+    """The spool failed to read or write."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool reached ``spool.max_bytes`` or the disk is full; nothing was written."""
+
+
+class CredentialsError(BridgeError):
+    """No usable credentials could be loaded (the message never contains a secret)."""
+
+
+class PushError(BridgeError):
+    """A push did not succeed.
+
+    Attributes:
+        code: the gateway's ``Code`` (or a synthetic one such as ``Timeout``), may be ``""``.
+        status: the HTTP status, or 0 when no response arrived.
+        request_id: the service's request id when known.
+        retry_after: seconds the service asked us to wait (``x-acs-retry-after``), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "",
+        status: int = 0,
+        request_id: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        self.code = code
+        self.status = status
+        self.request_id = request_id
+        self.retry_after = retry_after
+        super().__init__(message)

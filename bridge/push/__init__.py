@@ -1,0 +1,1 @@
+"""The cloud side: signing, retry policy, the HTTP client and the pusher workers."""
