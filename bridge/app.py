@@ -1,0 +1,205 @@
+"""The service: builds the stages, runs them in one TaskGroup, drains them in order.
+
+Stages and the data between them::
+
+    MqttSource --Inbound--> Ingest --(group commit)--> Spool
+                              |  ack after commit        |
+                              +--rows--> Feeder <--page--+
+                                          | Batcher
+                                          v
+                                   queue[Batch] --> Pusher --signed POST--> cloud
+                                                      |
+                                                      +--delete / dead-letter--> Spool
+
+Shutdown (SIGTERM/SIGINT): stop reading MQTT -> commit and ack what was received ->
+disconnect -> close open batches -> let queued and in-flight pushes finish within
+``shutdown_grace_secs`` -> commit completions -> close the spool. Whatever did not reach the
+cloud stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from bridge.batching import Batcher
+from bridge.config import Settings
+from bridge.credentials import CredentialsProvider
+from bridge.feeder import Feeder
+from bridge.health import Health, HealthServer
+from bridge.ingest import Ingest
+from bridge.mapping import Mapper
+from bridge.models import Batch
+from bridge.mqtt_source import MqttSource
+from bridge.push.client import PushClient
+from bridge.push.pusher import Pusher
+from bridge.spool import Spool
+from bridge.spool_writer import SpoolWriter
+from bridge.telemetry import Metrics
+
+__all__ = ["App"]
+
+log = logging.getLogger("bridge.app")
+
+
+class App:
+    """One running bridge. ``await App(settings).run()`` until a signal or :meth:`stop`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = Health(self.metrics)
+        self.credentials = CredentialsProvider(settings.cloud.credentials)
+        self._stop = asyncio.Event()
+        self.http_port: int | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read credentials (files or environment) on the next request."""
+        log.info("reloading credentials", extra={"source": self.credentials.source})
+        self.credentials.reload()
+
+    async def run(self) -> None:
+        """Run until stopped; see the module docstring for the shutdown order."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
+                             (signal.SIGHUP, self.reload)):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+
+        spool = await asyncio.to_thread(
+            Spool.open, s.spool.path, max_bytes=s.spool.max_bytes,
+            synchronous=s.spool.synchronous.value,
+        )
+        self.metrics.spool_max_bytes.set(s.spool.max_bytes)
+        writer = SpoolWriter(spool, self.metrics)
+        mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
+        queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * s.cloud.max_in_flight))
+        batcher = Batcher(
+            max_devices=s.batch.max_devices,
+            max_bytes=s.batch.max_bytes,
+            window_secs=s.batch.window_secs,
+            linger_secs=s.batch.linger_secs,
+            max_pending=max(10_000, 4 * s.batch.max_devices * s.cloud.max_in_flight),
+            clock=time.monotonic,
+        )
+        feeder = Feeder(writer=writer, batcher=batcher, queue=queue)
+        ingest: Ingest | None = None
+
+        def on_message(inbound: object, token: object) -> None:
+            assert ingest is not None  # noqa: S101
+            ingest.on_message(inbound, token)  # type: ignore[arg-type]
+
+        source = MqttSource(s.mqtt, mapper.subscriptions, on_message, self.metrics, self.health)
+        ingest = Ingest(
+            mapper=mapper,
+            writer=writer,
+            feeder=feeder,
+            ack=source.ack,
+            pause=source.pause,
+            resume=source.resume,
+            metrics=self.metrics,
+            health=self.health,
+            commit_max=s.spool.commit_max_rows,
+            high_water=max(2 * s.mqtt.receive_maximum, 20_000),
+        )
+        server = HealthServer(
+            host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
+        )
+        await server.start()
+        self.http_port = server.bound_port
+        log.info(
+            "energy-bridge started",
+            extra={
+                "broker": f"{s.mqtt.host}:{s.mqtt.port}",
+                "endpoint": s.cloud.endpoint,
+                "spool": str(s.spool.path),
+                "routes": [r.topic for r in s.routes],
+            },
+        )
+        async with PushClient(
+            endpoint=s.cloud.endpoint,
+            credentials=self.credentials,
+            user_agent=s.cloud.user_agent,
+            timeout_secs=s.cloud.request_timeout_secs,
+            connect_timeout_secs=s.cloud.connect_timeout_secs,
+            verify_tls=s.cloud.verify_tls,
+            max_connections=s.cloud.max_in_flight,
+        ) as client:
+            pusher = Pusher(
+                queue=queue,
+                send=client.push,
+                writer=writer,
+                metrics=self.metrics,
+                health=self.health,
+                max_in_flight=s.cloud.max_in_flight,
+                max_bytes=s.batch.max_bytes,
+                retry_initial=s.cloud.retry_initial_secs,
+                retry_max=s.cloud.retry_max_secs,
+                on_credentials_problem=self.credentials.reload,
+            )
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    t_writer = tg.create_task(writer.run(), name="spool-writer")
+                    t_ingest = tg.create_task(ingest.run(), name="ingest")
+                    t_feeder = tg.create_task(feeder.run(), name="feeder")
+                    t_pusher = tg.create_task(pusher.run(), name="pusher")
+                    t_source = tg.create_task(source.run(), name="mqtt-source")
+                    t_stats = tg.create_task(self._stats_loop(writer), name="stats")
+                    await self._stop.wait()
+                    log.info("shutting down")
+                    # 1. stop taking messages; commit and ack what arrived
+                    source.pause()
+                    ingest.stop()
+                    await t_ingest
+                    await source.stop()
+                    t_source.cancel()
+                    # 2. close open batches into the queue
+                    feeder.stop()
+                    await t_feeder
+                    # 3. let queued and in-flight pushes finish within the grace period
+                    deadline = time.monotonic() + s.shutdown_grace_secs
+                    while not pusher.idle and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    if not pusher.idle:
+                        log.warning("grace period over; undelivered readings stay in the spool")
+                    t_pusher.cancel()
+                    t_stats.cancel()
+                    # 4. commit the completions, then the writer returns
+                    writer.close()
+                    await t_writer
+            finally:
+                await server.stop()
+                await asyncio.to_thread(writer.shutdown)
+        log.info("energy-bridge stopped")
+
+    async def _stats_loop(self, writer: SpoolWriter) -> None:
+        m = self.metrics
+        while True:
+            self.health.last_loop_tick = time.monotonic()
+            try:
+                stats = await writer.stats()
+            except Exception:  # noqa: BLE001 - a stats failure must not stop the bridge
+                log.exception("spool stats failed")
+            else:
+                m.spool_readings.set(stats.readings)
+                m.spool_bytes.set(stats.used_bytes)
+                m.dead_letters.set(stats.dead_letters)
+                m.spool_oldest_age.set(
+                    0 if stats.oldest_received_at is None
+                    else max(0.0, time.time() - stats.oldest_received_at)
+                )
+                if stats.used_bytes >= self.settings.spool.max_bytes:
+                    m.spool_full.set(1)
+                    self.health.set("spool", "spool full: spool.max_bytes reached")
+                elif writer.full_reason is None and "spool" in self.health.problems:
+                    self.health.set("spool", None)
+                    m.spool_full.set(0)
+            await asyncio.sleep(1.0)

@@ -1,0 +1,209 @@
+"""The batcher: pure, clock injected, partitioned by :class:`~bridge.models.BatchKey`.
+
+Readings enter in spool order. Each goes to the open batch of its (deviceType, recordTime
+window); readings of the same device at the same recordTime merge into one ``devices[]`` entry
+(later values win per point). A batch is closed when it reaches ``max_devices`` entries or about
+``max_bytes`` of body, ``linger_secs`` after its first reading, under memory pressure, or on
+shutdown. Closing serializes every entry exactly once; the body is those bytes joined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from bridge.models import Batch, BatchKey, SpooledReading
+
+__all__ = ["Batcher", "build_body", "serialize_entry"]
+
+# deviceId is omitted for these device types (API reference).
+_NO_DEVICE_ID = frozenset({"15", "16"})
+# Bytes of JSON around the values of one entry: {"deviceId":"","recordTime":"","data":{}} etc.
+_ENTRY_OVERHEAD = 48
+_POINT_OVERHEAD = 6
+
+
+def serialize_entry(device_id: str | None, record_time: str, data: dict[str, str]) -> bytes:
+    """One ``devices[]`` entry as JSON bytes (deviceId omitted when ``None``)."""
+    if device_id is None:
+        return orjson.dumps({"recordTime": record_time, "data": data})
+    return orjson.dumps({"deviceId": device_id, "recordTime": record_time, "data": data})
+
+
+def build_body(device_type: str, entries: list[bytes]) -> bytes:
+    """The request body for ``entries``: ``{"deviceType": ..., "devices": [...]}``."""
+    return b"".join(
+        (b'{"deviceType":', orjson.dumps(device_type), b',"devices":[', b",".join(entries), b"]}")
+    )
+
+
+@dataclass(slots=True)
+class _Entry:
+    device_id: str | None
+    record_time: str
+    data: dict[str, str]
+    rids: list[int]
+    received_ats: list[float]
+    size: int
+
+
+@dataclass(slots=True)
+class _Open:
+    key: BatchKey
+    opened_at: float
+    entries: dict[tuple[str | None, str], _Entry] = field(default_factory=dict)
+    size: int = 0
+    readings: int = 0
+
+
+class Batcher:
+    """Groups spooled readings into request-sized batches.
+
+    Args:
+        max_devices: most entries per batch.
+        max_bytes: most body bytes per batch.
+        window_secs: recordTime window of a partition.
+        linger_secs: how long an open batch waits after its first reading.
+        max_pending: readings held in open batches before the oldest batches are closed early.
+        clock: monotonic seconds (injected for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_devices: int,
+        max_bytes: int,
+        window_secs: int,
+        linger_secs: float,
+        max_pending: int = 50_000,
+        clock: Callable[[], float],
+    ) -> None:
+        self.max_devices = max_devices
+        self.max_bytes = max_bytes
+        self.window_secs = window_secs
+        self.linger_secs = linger_secs
+        self.max_pending = max_pending
+        self._clock = clock
+        self._open: dict[BatchKey, _Open] = {}
+        self.pending = 0
+
+    def add(self, item: SpooledReading) -> list[Batch]:
+        """Add one reading; returns the batches this closed (usually none)."""
+        reading = item.reading
+        key = BatchKey(reading.device_type, reading.record_ts // self.window_secs)
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Open(key, self._clock())
+        device_id = None if reading.device_type in _NO_DEVICE_ID else reading.device_id
+        ekey = (device_id, reading.record_time)
+        entry = batch.entries.get(ekey)
+        added = sum(len(k) + len(v) + _POINT_OVERHEAD for k, v in reading.data.items())
+        if entry is None:
+            size = _ENTRY_OVERHEAD + len(device_id or "") + len(reading.record_time) + added
+            batch.entries[ekey] = _Entry(
+                device_id,
+                reading.record_time,
+                dict(reading.data),
+                [item.rid],
+                [reading.received_at],
+                size,
+            )
+            batch.size += size + 1
+        else:
+            entry.data.update(reading.data)
+            entry.rids.append(item.rid)
+            entry.received_ats.append(reading.received_at)
+            # An upper bound: points overwritten by the merge are counted twice.
+            entry.size += added
+            batch.size += added
+        batch.readings += 1
+        self.pending += 1
+        out: list[Batch] = []
+        if len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes:
+            out.extend(self._close(key))
+        if self.pending > self.max_pending:
+            out.extend(self._relieve())
+        return out
+
+    def due(self) -> list[Batch]:
+        """Close and return every batch whose linger time has passed."""
+        now = self._clock()
+        expired = [k for k, b in self._open.items() if now - b.opened_at >= self.linger_secs]
+        return [batch for key in expired for batch in self._close(key)]
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which the next open batch becomes due, ``None`` when none is open."""
+        if not self._open:
+            return None
+        return min(b.opened_at for b in self._open.values()) + self.linger_secs
+
+    def flush(self) -> list[Batch]:
+        """Close every open batch (shutdown, or the input ran dry during a drain)."""
+        return [batch for key in list(self._open) for batch in self._close(key)]
+
+    @property
+    def open_batches(self) -> int:
+        """How many partitions have an open batch."""
+        return len(self._open)
+
+    def _relieve(self) -> list[Batch]:
+        out: list[Batch] = []
+        for key in sorted(self._open, key=lambda k: self._open[k].opened_at):
+            if self.pending <= self.max_pending // 2:
+                break
+            out.extend(self._close(key))
+        return out
+
+    def _close(self, key: BatchKey) -> list[Batch]:
+        batch = self._open.pop(key)
+        self.pending -= batch.readings
+        return split_entries(
+            key,
+            [
+                (serialize_entry(e.device_id, e.record_time, e.data), e.rids, e.received_ats)
+                for e in batch.entries.values()
+            ],
+            self.max_bytes,
+        )
+
+
+def split_entries(
+    key: BatchKey,
+    entries: list[tuple[bytes, list[int], list[float]]],
+    max_bytes: int,
+) -> list[Batch]:
+    """Pack serialized entries, in order, into batches whose body fits ``max_bytes``.
+
+    An entry larger than ``max_bytes`` on its own still goes out, alone: it cannot be split,
+    and the service decides whether it is acceptable.
+    """
+    head = len(build_body(key.device_type, []))
+    out: list[Batch] = []
+    current: list[tuple[bytes, list[int], list[float]]] = []
+    size = head
+    for item in entries:
+        extra = len(item[0]) + (1 if current else 0)
+        if current and size + extra > max_bytes:
+            out.append(_make_batch(key, current))
+            current, size = [], head
+            extra = len(item[0])
+        current.append(item)
+        size += extra
+    if current:
+        out.append(_make_batch(key, current))
+    return out
+
+
+def _make_batch(key: BatchKey, items: list[tuple[bytes, list[int], list[float]]]) -> Batch:
+    entries = [e for e, _, _ in items]
+    received = [t for _, _, ts in items for t in ts]
+    return Batch(
+        key=key,
+        body=build_body(key.device_type, entries),
+        entries=entries,
+        entry_rids=[rids for _, rids, _ in items],
+        oldest_received=min(received),
+        received_ats=received,
+    )

@@ -1,0 +1,151 @@
+"""The ``energy-bridge`` command: run, check, cloud-stub, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bridge import __version__
+from bridge.errors import BridgeError, ConfigError, MappingError
+
+__all__ = ["main"]
+
+
+def _load(config: Path | None) -> Any:
+    from bridge.config import load_settings  # noqa: PLC0415 - keep `--help` fast
+
+    return load_settings(config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from bridge.app import App  # noqa: PLC0415
+    from bridge.logs import setup_logging  # noqa: PLC0415
+
+    settings = _load(args.config)
+    setup_logging(settings.log.level, settings.log.format.value)
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    runner(App(settings).run())
+    return 0
+
+
+def _masked(settings: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = settings.model_dump(mode="json")
+    if doc["mqtt"].get("password") is not None:
+        doc["mqtt"]["password"] = "****"  # noqa: S105 - the mask, not a password
+    return doc
+
+
+def _check(args: argparse.Namespace) -> int:
+    from bridge.credentials import CredentialsProvider  # noqa: PLC0415
+    from bridge.mapping import Mapper  # noqa: PLC0415
+
+    settings = _load(args.config)
+    warnings: list[str] = []
+    if settings.mqtt.tls.insecure:
+        warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
+    if not settings.cloud.verify_tls:
+        warnings.append("cloud.verify_tls is off: the cloud endpoint is NOT verified")
+    if settings.cloud.endpoint.startswith("http://") and "127.0.0.1" not in settings.cloud.endpoint:
+        warnings.append("cloud.endpoint is plain http: credentials-signed data travels unencrypted")
+    if settings.cloud.endpoint == "http://127.0.0.1:8080":
+        warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
+    creds = CredentialsProvider(settings.cloud.credentials)
+    out: dict[str, Any] = {"settings": _masked(settings), "credentials": creds.describe()}
+    if warnings:
+        out["warnings"] = warnings
+    status = 0
+    if args.sample is not None:
+        topic, payload = args.sample
+        mapper = Mapper(settings.routes, settings.timezone,
+                        max_payload_bytes=settings.mqtt.max_payload_bytes)
+        try:
+            readings = mapper.map(topic.encode(), payload.encode(), time.time())
+        except MappingError as exc:
+            out["sample"] = {"rejected": {"reason": exc.reason, "detail": exc.detail}}
+            status = 1
+        else:
+            from bridge.batching import build_body, serialize_entry  # noqa: PLC0415
+
+            bodies: dict[str, list[bytes]] = {}
+            for r in readings:
+                device_id = None if r.device_type in {"15", "16"} else r.device_id
+                bodies.setdefault(r.device_type, []).append(
+                    serialize_entry(device_id, r.record_time, r.data)
+                )
+            out["sample"] = {
+                "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()]
+            }
+    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return status
+
+
+def _delegate(module: str) -> tuple[Any, Any]:
+    mod = importlib.import_module(module)
+    return mod.add_arguments, mod.run_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="energy-bridge",
+        description="Deliver meter readings from MQTT to Alibaba Cloud Energy Expert.",
+    )
+    parser.add_argument("--version", action="version", version=f"energy-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the bridge")
+    p.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults)")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("check", help="validate the config and print the effective settings")
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument(
+        "--sample", nargs=2, metavar=("TOPIC", "PAYLOAD"),
+        help="print the push body this message would become, or why it is rejected",
+    )
+    p.set_defaults(func=_check)
+
+    for name, module, help_text in (
+        ("cloud-stub", "bridge.cloud_stub", "run a local stand-in for the push API"),
+        ("simulate", "bridge.simulate", "publish simulated three-phase meter readings"),
+        ("demo", "bridge.demo", "run mosquitto, the stub, the simulator and the bridge together"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(module=module)
+        try:
+            add_arguments, _ = _delegate(module)
+        except ImportError:
+            continue
+        add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``energy-bridge`` and ``python -m bridge``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "func"):
+            return int(args.func(args))
+        _, run_from_args = _delegate(args.module)
+        return int(run_from_args(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"energy-bridge: configuration error: {exc}\n")
+        return 2
+    except BridgeError as exc:
+        sys.stderr.write(f"energy-bridge: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130

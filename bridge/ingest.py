@@ -1,0 +1,173 @@
+"""Ingest: MQTT message -> readings (or a reject) -> group commit -> ack -> feeder.
+
+``on_message`` runs on the event loop for every message: it maps the payload right away
+(pure and fast) and queues the outcome. The ingest task then commits whatever has queued up
+in ONE spool transaction, acknowledges those messages in the order they arrived, and hands the
+stored rows to the feeder. Nothing is acknowledged before its reading (or its dead letter) is
+on disk; when the spool is full nothing is acknowledged at all, so the broker keeps the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bridge.errors import MappingError, SpoolError, SpoolFullError
+from bridge.feeder import Feeder
+from bridge.health import Health
+from bridge.mapping import Mapper
+from bridge.models import Inbound, Reading
+from bridge.mqtt_source import AckToken
+from bridge.spool import Reject
+from bridge.spool_writer import SpoolWriter
+from bridge.telemetry import Metrics
+
+__all__ = ["Ingest"]
+
+log = logging.getLogger("bridge.ingest")
+
+_REJECT_PREVIEW = 120
+
+
+@dataclass(slots=True)
+class _Pending:
+    token: AckToken | None
+    readings: list[Reading]
+    reject: Reject | None
+
+
+class Ingest:
+    """Maps messages and commits them to the spool in groups.
+
+    Args:
+        mapper: topic + payload -> readings.
+        writer: the spool.
+        feeder: receives the stored rows.
+        ack: acknowledges committed messages (``MqttSource.ack``).
+        pause, resume: stop / restart reading the broker when too much is pending.
+        commit_max: most messages per transaction.
+        high_water: pending messages at which reading is paused.
+    """
+
+    def __init__(
+        self,
+        *,
+        mapper: Mapper,
+        writer: SpoolWriter,
+        feeder: Feeder,
+        ack: Callable[[Sequence[AckToken]], int],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        metrics: Metrics,
+        health: Health,
+        commit_max: int,
+        high_water: int,
+    ) -> None:
+        self._mapper = mapper
+        self._writer = writer
+        self._feeder = feeder
+        self._ack = ack
+        self._pause = pause
+        self._resume = resume
+        self._metrics = metrics
+        self._health = health
+        self._commit_max = commit_max
+        self._high_water = high_water
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._paused = False
+        self._stopping = False
+        self._reject_log: dict[str, tuple[float, int]] = {}
+        self._received = metrics.messages_received.labels("mqtt")
+
+    @property
+    def pending(self) -> int:
+        """Messages received but not yet committed."""
+        return len(self._pending)
+
+    def on_message(self, inbound: Inbound, token: AckToken | None) -> None:
+        """Map one message and queue it for the next commit (called on the event loop)."""
+        self._received.inc()
+        try:
+            readings = self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
+            item = _Pending(token, readings, None)
+        except MappingError as exc:
+            self._metrics.messages_rejected.labels(exc.reason).inc()
+            self._log_reject(inbound, exc)
+            item = _Pending(
+                token,
+                [],
+                Reject(inbound.topic, inbound.payload, exc.reason, exc.detail, inbound.received_at),
+            )
+        self._pending.append(item)
+        self._wake.set()
+        if not self._paused and len(self._pending) >= self._high_water:
+            self._paused = True
+            self._pause()
+        self._metrics.mqtt_unacked.set(len(self._pending))
+
+    def stop(self) -> None:
+        """Commit what is pending, then return from :meth:`run`."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Commit pending messages in groups until stopped and drained."""
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._pending[: self._commit_max]
+            readings = [r for p in chunk for r in p.readings]
+            rejects = [p.reject for p in chunk if p.reject is not None]
+            try:
+                rows = await self._writer.put(readings, rejects)
+            except SpoolFullError as exc:
+                self._health.set("spool", f"spool full: {exc}")
+                self._metrics.spool_full.set(1)
+                if self._stopping:
+                    return  # unacked: the broker keeps them
+                await asyncio.sleep(1.0)
+                continue
+            except SpoolError as exc:
+                self._health.set("spool", f"spool write failed: {exc}")
+                if self._stopping:
+                    return
+                await asyncio.sleep(1.0)
+                continue
+            if "spool" in self._health.problems:
+                self._metrics.spool_full.set(0)
+                self._health.set("spool", None)
+            del self._pending[: len(chunk)]
+            self._ack([p.token for p in chunk if p.token is not None])
+            self._metrics.readings_accepted.inc(len(rows))
+            self._metrics.mqtt_unacked.set(len(self._pending))
+            self._feeder.offer(rows)
+            if self._paused and len(self._pending) < self._high_water // 2:
+                self._paused = False
+                self._resume()
+
+    def _log_reject(self, inbound: Inbound, exc: MappingError) -> None:
+        # One line per reason per minute, with how many were folded into it.
+        now = time.monotonic()
+        last, folded = self._reject_log.get(exc.reason, (-1e9, 0))
+        if now - last < 60:
+            self._reject_log[exc.reason] = (last, folded + 1)
+            return
+        self._reject_log[exc.reason] = (now, 0)
+        log.warning(
+            "message rejected, dead-lettered",
+            extra={
+                "reason": exc.reason,
+                "detail": exc.detail,
+                "topic": inbound.topic[:200].decode("utf-8", "backslashreplace"),
+                "payload_preview": inbound.payload[:_REJECT_PREVIEW].decode("utf-8", "replace"),
+                "similar_since_last_line": folded,
+            },
+        )

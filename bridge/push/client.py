@@ -1,0 +1,160 @@
+"""The one HTTP seam to the push API: sign exactly the bytes we send, send them, read the answer.
+
+aiohttp stays inside this module; callers get a :class:`PushResult` and never an aiohttp type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from bridge.credentials import CredentialsProvider
+from bridge.errors import CredentialsError
+from bridge.push.signing import PUSH_PATH, push_headers
+
+__all__ = ["PushClient", "PushResult"]
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(slots=True, frozen=True)
+class PushResult:
+    """What one attempt produced.
+
+    Attributes:
+        status: HTTP status, 0 when no response arrived.
+        code: the error Code (``Timeout``/``ConnectionError``/``NoCredentials`` when synthetic).
+        message: the service's Message, or a description of the local failure.
+        request_id: the service's request id, if any.
+        retry_after: seconds from ``x-acs-retry-after``, if sent.
+        success: HTTP 2xx with ``"data": "success"``.
+        elapsed: seconds the request took.
+    """
+
+    status: int
+    code: str
+    message: str
+    request_id: str
+    retry_after: float | None
+    success: bool
+    elapsed: float
+
+
+def _parse_answer(raw: bytes) -> tuple[bool, str, str, str]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False, "", "answer is not JSON: " + raw[:200].decode("utf-8", "replace"), ""
+    if not isinstance(doc, dict):
+        return False, "", "answer is not a JSON object", ""
+    request_id = str(doc.get("requestId") or doc.get("RequestId") or "")
+    code = str(doc.get("Code") or doc.get("code") or "")
+    message = str(doc.get("Message") or doc.get("message") or "")
+    success = doc.get("data") == "success"
+    if not success and not message and "data" in doc:
+        message = f"data is {doc.get('data')!r}, not 'success'"
+    return success, code, message, request_id
+
+
+class PushClient:
+    """One aiohttp session to the push endpoint.
+
+    Args:
+        endpoint: base URL, e.g. ``https://energyexpertexternal.cn-hangzhou.aliyuncs.com``.
+        credentials: where signing credentials come from.
+        user_agent: the (signed) User-Agent.
+        timeout_secs: total time one request may take.
+        connect_timeout_secs: time to establish a connection.
+        verify_tls: verify the server certificate.
+        max_connections: connection pool size (the pusher's concurrency bound).
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        credentials: CredentialsProvider,
+        user_agent: str,
+        timeout_secs: float,
+        connect_timeout_secs: float,
+        verify_tls: bool,
+        max_connections: int,
+    ) -> None:
+        parts = urlsplit(endpoint)
+        self._url = endpoint.rstrip("/") + PUSH_PATH
+        self._host = parts.netloc
+        self._credentials = credentials
+        self._user_agent = user_agent
+        self._timeout = aiohttp.ClientTimeout(total=timeout_secs, connect=connect_timeout_secs)
+        self._verify = verify_tls
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PushClient:
+        ssl_ctx: ssl.SSLContext | bool = True
+        if not self._verify:
+            ssl_ctx = False
+        else:
+            ssl_ctx = ssl.create_default_context()
+            ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=ssl_ctx, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Content-Type"),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def push(self, body: bytes) -> PushResult:
+        """Sign and send one body; never raises for HTTP or network failures."""
+        assert self._session is not None, "use PushClient as an async context manager"  # noqa: S101
+        started = time.monotonic()
+        try:
+            creds = await self._credentials.get()
+        except CredentialsError as exc:
+            return PushResult(0, "NoCredentials", str(exc), "", None, False, 0.0)
+        headers = push_headers(
+            host=self._host, body=body, credentials=creds, user_agent=self._user_agent
+        )
+        try:
+            async with self._session.post(self._url, data=body, headers=headers) as resp:
+                raw = await resp.content.read(_MAX_ERROR_BODY)
+                retry_after = resp.headers.get("x-acs-retry-after")
+                status = resp.status
+        except TimeoutError:
+            return PushResult(
+                0, "Timeout", "request timed out", "", None, False, time.monotonic() - started
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            message = f"{type(exc).__name__}: {exc}"[:300]
+            return PushResult(
+                0, "ConnectionError", message, "", None, False, time.monotonic() - started
+            )
+        except asyncio.CancelledError:
+            raise
+        success, code, message, request_id = _parse_answer(raw)
+        success = success and 200 <= status < 300
+        after: float | None = None
+        if retry_after:
+            try:
+                after = max(0.0, float(retry_after) / 1000.0)
+            except ValueError:
+                after = None
+        return PushResult(
+            status, code, message, request_id, after, success, time.monotonic() - started
+        )

@@ -1,0 +1,277 @@
+"""The pusher: workers that deliver batches with bounded, adaptive concurrency.
+
+Per batch: flag its rows as sent, then attempt until the cloud gives a final answer.
+
+* success -> delete the rows;
+* transient / throttled -> back off (full jitter, honouring ``x-acs-retry-after``) and retry;
+  throttling also halves the concurrency limit (AIMD: +1 per limit's worth of successes);
+* credentials / config / clock -> keep everything, pause all workers, report not ready;
+* payload -> split the batch to isolate the bad entries, dead-letter only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from bridge.batching import split_entries
+from bridge.health import Health
+from bridge.models import Batch
+from bridge.push.client import PushResult
+from bridge.push.retry import Outcome, backoff, classify
+from bridge.spool import DeadLetter
+from bridge.spool_writer import SpoolWriter
+from bridge.telemetry import Metrics
+
+__all__ = ["AdaptiveLimit", "Pusher"]
+
+log = logging.getLogger("bridge.push")
+
+_ENTRY_INDEX = re.compile(r"devices\[(\d+)\]")
+
+
+class AdaptiveLimit:
+    """AIMD concurrency limit between 1 and ``maximum``."""
+
+    def __init__(self, maximum: int, metrics: Metrics) -> None:
+        self.maximum = maximum
+        self.limit = float(maximum)
+        self.in_flight = 0
+        self._cond = asyncio.Condition()
+        self._metrics = metrics
+        metrics.concurrency_limit.set(self.limit)
+
+    async def __aenter__(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+        self._metrics.requests_in_flight.set(self.in_flight)
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._cond:
+            self.in_flight -= 1
+            self._cond.notify_all()
+        self._metrics.requests_in_flight.set(self.in_flight)
+
+    def on_success(self) -> None:
+        """Additive increase: about +1 per ``limit`` successes."""
+        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        self._metrics.concurrency_limit.set(self.limit)
+
+    def on_throttle(self) -> None:
+        """Multiplicative decrease."""
+        self.limit = max(1.0, self.limit / 2.0)
+        self._metrics.concurrency_limit.set(self.limit)
+
+
+class _Pause:
+    """A pause every worker honours before sending (credentials/config failures)."""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        self.strikes = 0
+
+    async def wait(self) -> None:
+        delay = self.until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class Pusher:
+    """Delivers batches from ``queue`` with up to ``max_in_flight`` concurrent requests.
+
+    Args:
+        queue: closed batches from the feeder.
+        send: one signed attempt (``PushClient.push``).
+        writer: the spool, for completions.
+        metrics, health: observability.
+        max_in_flight: hard upper bound of concurrent requests.
+        retry_initial, retry_max: backoff parameters, seconds.
+        on_credentials_problem: called to refresh credentials after an auth failure.
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: asyncio.Queue[Batch],
+        send: Callable[[bytes], Awaitable[PushResult]],
+        writer: SpoolWriter,
+        metrics: Metrics,
+        health: Health,
+        max_in_flight: int,
+        max_bytes: int,
+        retry_initial: float,
+        retry_max: float,
+        on_credentials_problem: Callable[[], None] = lambda: None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._queue = queue
+        self._send = send
+        self._writer = writer
+        self._metrics = metrics
+        self._health = health
+        self._max_in_flight = max_in_flight
+        self._max_bytes = max_bytes
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._on_credentials_problem = on_credentials_problem
+        self._rng = rng or random.Random()
+        self.limit = AdaptiveLimit(max_in_flight, metrics)
+        self._pause = _Pause()
+        self._busy = 0
+        self._logged: dict[str, float] = {}
+
+    @property
+    def idle(self) -> bool:
+        """No batch queued or being delivered."""
+        return self._busy == 0 and self._queue.empty()
+
+    async def run(self) -> None:
+        """Run ``max_in_flight`` workers until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for n in range(self._max_in_flight):
+                tg.create_task(self._worker(), name=f"push-worker-{n}")
+
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            self._busy += 1
+            try:
+                await self._deliver(batch)
+            finally:
+                self._busy -= 1
+                self._queue.task_done()
+
+    async def _deliver(self, batch: Batch) -> None:
+        already = await self._writer.mark_sent(batch.rids)
+        if already:
+            self._metrics.readings_redelivered.inc(already)
+        await self._attempt_until_final(batch)
+
+    async def _attempt_until_final(self, batch: Batch) -> None:
+        attempt = 0
+        while True:
+            await self._pause.wait()
+            attempt += 1
+            if attempt > 1:
+                self._metrics.push_retries.inc()
+            self._metrics.batch_devices.observe(batch.size)
+            self._metrics.batch_bytes.observe(len(batch.body))
+            async with self.limit:
+                result = await self._send(batch.body)
+            outcome = classify(result.status, result.code, success_body=result.success)
+            self._metrics.push_requests.labels(outcome.value, result.code or str(result.status)).inc()
+            if result.status:
+                self._metrics.push_latency.observe(result.elapsed)
+            if outcome is Outcome.SUCCESS:
+                await self._succeeded(batch)
+                return
+            if outcome is Outcome.PAYLOAD:
+                await self._isolate(batch, result)
+                return
+            self._note_failure(outcome, result, batch)
+            if result.code == "Timeout":
+                # The service may have stored it; the retry can be a duplicate.
+                self._metrics.readings_redelivered.inc(len(batch.rids))
+            if outcome is Outcome.RESIGN:
+                continue  # a fresh nonce and date come with every attempt
+            if outcome is Outcome.THROTTLED:
+                self.limit.on_throttle()
+            if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
+                self._pause.strikes += 1
+                delay = backoff(
+                    self._pause.strikes,
+                    initial=max(1.0, self._retry_initial),
+                    cap=max(60.0, self._retry_max),
+                    rng=self._rng,
+                )
+                self._pause.until = max(self._pause.until, time.monotonic() + delay)
+                if outcome is Outcome.CREDENTIALS:
+                    self._on_credentials_problem()
+                continue
+            await asyncio.sleep(
+                backoff(
+                    attempt,
+                    initial=self._retry_initial,
+                    cap=self._retry_max,
+                    retry_after=result.retry_after,
+                    rng=self._rng,
+                )
+            )
+
+    async def _succeeded(self, batch: Batch) -> None:
+        self.limit.on_success()
+        self._pause.strikes = 0
+        self._health.set("cloud", None)
+        self._logged.clear()
+        await self._writer.complete(delivered=batch.rids)
+        self._metrics.readings_delivered.inc(len(batch.rids))
+        now = time.time()
+        observe = self._metrics.e2e_latency.observe
+        for received in batch.received_ats:
+            observe(now - received)
+
+    async def _isolate(self, batch: Batch, result: PushResult) -> None:
+        """Split a refused batch until the refused entries stand alone; dead-letter those."""
+        if batch.size == 1:
+            dead = [
+                DeadLetter(rid, result.code or "InvalidParameter", result.message[:500])
+                for rid in batch.rids
+            ]
+            await self._writer.complete(dead=dead)
+            self._metrics.readings_dead_lettered.labels(result.code or "payload").inc(len(dead))
+            log.error(
+                "entry refused by the cloud, dead-lettered",
+                extra={
+                    "code": result.code,
+                    "message": result.message[:300],
+                    "request_id": result.request_id,
+                    "readings": len(dead),
+                },
+            )
+            return
+        # When the service names the entry, cut there; otherwise halve.
+        match = _ENTRY_INDEX.search(result.message)
+        cut = batch.size // 2
+        if match and 0 <= int(match.group(1)) < batch.size:
+            index = int(match.group(1))
+            parts = [(0, index), (index, index + 1), (index + 1, batch.size)]
+        else:
+            parts = [(0, cut), (cut, batch.size)]
+        for start, stop in parts:
+            if start < stop:
+                await self._attempt_until_final(_slice(batch, start, stop, self._max_bytes))
+
+    def _note_failure(self, outcome: Outcome, result: PushResult, batch: Batch) -> None:
+        problem = f"{result.code or result.status}: {result.message}"[:300]
+        if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
+            self._health.set("cloud", f"{outcome.value}: {problem}")
+        # One log line per distinct problem per minute, not one per request.
+        key = f"{outcome.value}|{result.code}|{result.status}"
+        now = time.monotonic()
+        if now - self._logged.get(key, -1e9) >= 60:
+            self._logged[key] = now
+            log.warning(
+                "push failed, will retry",
+                extra={
+                    "outcome": outcome.value,
+                    "code": result.code,
+                    "status": result.status,
+                    "message": result.message[:300],
+                    "request_id": result.request_id,
+                    "devices": batch.size,
+                },
+            )
+
+
+def _slice(batch: Batch, start: int, stop: int, max_bytes: int) -> Batch:
+    items = [
+        (batch.entries[i], batch.entry_rids[i], [batch.oldest_received]) for i in range(start, stop)
+    ]
+    (part,) = split_entries(batch.key, items, max_bytes=max(max_bytes, 1 << 30))
+    part.received_ats = [batch.oldest_received] * len(part.rids)
+    return part

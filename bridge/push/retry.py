@@ -1,0 +1,120 @@
+"""What to do after a push attempt: a pure classification table and the backoff policy.
+
+Classification follows the ``Code`` table of the push API reference: by ``Code`` first, by the
+HTTP status class only when no code came back (the vendor's tables disagree on statuses).
+"""
+
+from __future__ import annotations
+
+import random
+from enum import Enum
+
+__all__ = ["Outcome", "backoff", "classify"]
+
+
+class Outcome(str, Enum):
+    """The action a push result calls for."""
+
+    SUCCESS = "success"
+    """Accepted (HTTP 2xx and ``data == "success"``): delete the readings."""
+    RETRY = "retry"
+    """Transient (5xx, timeout, reset, unexpected answer): retry with backoff, keep data."""
+    THROTTLED = "throttled"
+    """Rate limited: retry later honouring ``x-acs-retry-after``, lower concurrency."""
+    RESIGN = "resign"
+    """Nonce reused: sign again with a fresh nonce and retry at once (counts as a bug signal)."""
+    CLOCK = "clock"
+    """Local clock too far off: keep data, retry slowly, not ready (fix NTP)."""
+    CREDENTIALS = "credentials"
+    """Credentials or permission refused: keep data, pause, refresh credentials, not ready."""
+    CONFIG = "config"
+    """Wrong endpoint or protocol: keep data, pause, not ready."""
+    PAYLOAD = "payload"
+    """The request body is bad: isolate the bad entries, dead-letter them, deliver the rest."""
+
+
+_THROTTLING = frozenset({"Throttling", "Throttling.User", "Throttling.Api", "Throttling.Tenant"})
+_CREDENTIALS = frozenset(
+    {
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidAccessKeyId.NotFound",
+        "InvalidAccessKeyId.Inactive",
+        "InvalidAccessKeyId",
+        "InvalidSecurityToken.Expired",
+        "InvalidSecurityToken.Malformed",
+        "InvalidSecurityToken.MismatchWithAccessKey",
+        "InvalidSecurityToken",
+        "Forbidden.RAM",
+        "Forbidden",
+        "NoPermission",
+        "Forbidden.AccessKeyDisabled",
+    }
+)
+_CONFIG = frozenset({"InvalidApi.NotFound", "InvalidProduct.NotFound", "InvalidProtocol.NeedSsl"})
+_TRANSIENT = frozenset({"ServiceUnavailable", "InternalError", "Timeout", "ConnectionError"})
+
+
+def classify(status: int, code: str, *, success_body: bool) -> Outcome:
+    """Classify one push attempt.
+
+    Args:
+        status: the HTTP status, 0 when no response arrived (timeout, reset, refused).
+        code: the error ``Code`` from the body, ``""`` when absent.
+        success_body: whether the body was a JSON object with ``"data": "success"``.
+
+    Returns:
+        The outcome to act on.
+    """
+    if 200 <= status < 300 and success_body:
+        return Outcome.SUCCESS
+    if code:
+        if code in _THROTTLING or code.startswith("Throttling"):
+            return Outcome.THROTTLED
+        if code == "SignatureNonceUsed":
+            return Outcome.RESIGN
+        if code.startswith("InvalidTimeStamp"):
+            return Outcome.CLOCK
+        if code in _CREDENTIALS or code.startswith(("InvalidAccessKeyId", "Forbidden")):
+            return Outcome.CREDENTIALS
+        if code in _CONFIG:
+            return Outcome.CONFIG
+        if code in _TRANSIENT:
+            return Outcome.RETRY
+        if code.startswith(("Missing", "Invalid")):
+            return Outcome.PAYLOAD
+        # Unknown codes: judge by status; never drop data on a guess.
+    if status == 429:
+        return Outcome.THROTTLED
+    if status in {401, 403}:
+        return Outcome.CREDENTIALS
+    if status in {404, 405}:
+        return Outcome.CONFIG
+    return Outcome.RETRY
+
+
+def backoff(
+    attempt: int,
+    *,
+    initial: float,
+    cap: float,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Capped exponential backoff with full jitter.
+
+    Args:
+        attempt: 1 for the first retry.
+        initial: the cap of the first delay, in seconds.
+        cap: the largest delay, in seconds.
+        retry_after: a delay the server asked for; the result is never below it.
+        rng: source of jitter (seeded in tests).
+
+    Returns:
+        Seconds to wait before the next attempt.
+    """
+    upper = min(cap, initial * (2 ** max(0, min(attempt - 1, 30))))
+    delay = (rng or random).uniform(0, upper)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay

@@ -1,0 +1,329 @@
+"""The durable spool: SQLite in WAL mode, the only place a reading lives between the broker's
+acknowledgement and the cloud's ``"success"``.
+
+Lifecycle: :meth:`Spool.open` creates or migrates the schema; every method then runs on ONE
+thread (the spool thread of :class:`bridge.app.App`), in transactions that either happen whole
+or not at all. A reading is inserted before its MQTT message is acknowledged, and deleted only
+when the cloud accepted it or it is moved to the dead-letter table with its reason.
+
+Row ids are ``AUTOINCREMENT``: they only ever grow, so a reader can page through the spool
+with an id cursor and never miss a row.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from bridge.errors import SpoolError, SpoolFullError
+from bridge.models import Reading, SpooledReading
+
+__all__ = ["SCHEMA_VERSION", "DeadLetter", "Reject", "Spool", "SpoolStats"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_type TEXT    NOT NULL,
+    device_id   TEXT,
+    record_ts   INTEGER NOT NULL,
+    record_time TEXT    NOT NULL,
+    data        BLOB    NOT NULL,   -- orjson of {point: "exact text"}
+    received_at REAL    NOT NULL,
+    sent        INTEGER NOT NULL DEFAULT 0  -- 1 once handed to the cloud at least once
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL    NOT NULL,
+    source      TEXT    NOT NULL,   -- 'mapping' (never spooled) or 'cloud' (refused by the API)
+    reason      TEXT    NOT NULL,   -- stable code: bad_json, InvalidParameter, ...
+    detail      TEXT    NOT NULL,
+    topic       TEXT,
+    payload     BLOB,
+    device_type TEXT,
+    device_id   TEXT,
+    record_time TEXT,
+    data        BLOB,
+    received_at REAL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason);
+"""
+
+
+@dataclass(slots=True, frozen=True)
+class Reject:
+    """A message that could not be mapped, on its way to the dead-letter table."""
+
+    topic: bytes
+    payload: bytes
+    reason: str
+    detail: str
+    received_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """A spooled reading the cloud refused permanently."""
+
+    rid: int
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True, frozen=True)
+class SpoolStats:
+    """What the spool holds right now."""
+
+    readings: int
+    used_bytes: int
+    oldest_received_at: float | None
+    dead_letters: int
+
+
+def _topic_text(topic: bytes) -> str:
+    return topic.decode("utf-8", errors="backslashreplace")
+
+
+class Spool:
+    """SQLite-backed store of undelivered readings and dead letters (single-threaded use)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, max_bytes: int) -> None:
+        self._conn = conn
+        self.path = path
+        self.max_bytes = max_bytes
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        self._last_id = int(row[0]) if row else 0
+
+    @classmethod
+    def open(cls, path: Path, *, max_bytes: int, synchronous: str = "full") -> Spool:
+        """Open (and create or migrate) the spool at ``path``.
+
+        Raises:
+            SpoolError: the file cannot be opened, is not a spool, or is from a newer version.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            # executescript commits on its own; the schema statements are idempotent.
+            conn.executescript(_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),),
+                    )
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise SpoolError(
+                        f"spool {path} has schema version {row[0]}, newer than this "
+                        f"energy-bridge understands ({SCHEMA_VERSION}); upgrade the bridge"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+        return cls(conn, path, max_bytes)
+
+    @property
+    def last_id(self) -> int:
+        """The highest row id ever assigned (ids are never reused)."""
+        return self._last_id
+
+    def close(self) -> None:
+        """Checkpoint and close the database."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass  # closing must not fail because a checkpoint could not run
+        self._conn.close()
+
+    # -- space ------------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Bytes held by live pages (freed pages are reused, so they do not count)."""
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages - free) * self._page_size
+
+    def is_full(self) -> bool:
+        """Whether the spool has reached ``max_bytes``."""
+        return self.used_bytes() >= self.max_bytes
+
+    # -- the one write transaction ----------------------------------------------------------
+
+    def commit(
+        self,
+        readings: Sequence[Reading],
+        rejects: Sequence[Reject],
+        delivered: Sequence[int] = (),
+        dead: Sequence[DeadLetter] = (),
+        mark_sent: Sequence[int] = (),
+    ) -> tuple[list[int], int]:
+        """Apply one group of changes in a single transaction.
+
+        Args:
+            readings: new readings to insert (their messages are acked after this returns).
+            rejects: unmappable messages for the dead-letter table.
+            delivered: row ids the cloud accepted: deleted.
+            dead: rows the cloud refused permanently: moved to the dead-letter table.
+            mark_sent: row ids about to be pushed: flagged so a later resend is counted.
+
+        Returns:
+            The new rows' ids (same order as ``readings``) and how many of ``mark_sent``
+            were already flagged (readings being sent again).
+
+        Raises:
+            SpoolFullError: inserting would pass ``max_bytes`` or the disk is full; in that case
+                nothing at all was written and the caller must retry.
+            SpoolError: any other database failure; nothing was written.
+        """
+        if (readings or rejects) and self.is_full():
+            raise SpoolFullError(
+                f"spool {self.path} holds {self.used_bytes()} bytes, spool.max_bytes is "
+                f"{self.max_bytes}"
+            )
+        conn = self._conn
+        first = self._last_id + 1
+        already_sent = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if readings:
+                    conn.executemany(
+                        "INSERT INTO readings (id, device_type, device_id, record_ts, record_time,"
+                        " data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                first + i,
+                                r.device_type,
+                                r.device_id,
+                                r.record_ts,
+                                r.record_time,
+                                orjson.dumps(r.data),
+                                r.received_at,
+                            )
+                            for i, r in enumerate(readings)
+                        ],
+                    )
+                if rejects:
+                    conn.executemany(
+                        "INSERT INTO dead_letters (at, source, reason, detail, topic, payload,"
+                        " received_at) VALUES (?, 'mapping', ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                time.time(),
+                                j.reason,
+                                j.detail,
+                                _topic_text(j.topic),
+                                j.payload,
+                                j.received_at,
+                            )
+                            for j in rejects
+                        ],
+                    )
+                if dead:
+                    conn.executemany(
+                        "INSERT INTO dead_letters (at, source, reason, detail, device_type,"
+                        " device_id, record_time, data, received_at)"
+                        " SELECT ?, 'cloud', ?, ?, device_type, device_id, record_time, data,"
+                        " received_at FROM readings WHERE id = ?",
+                        [(time.time(), d.reason, d.detail, d.rid) for d in dead],
+                    )
+                gone = list(delivered) + [d.rid for d in dead]
+                if gone:
+                    conn.executemany("DELETE FROM readings WHERE id = ?", [(i,) for i in gone])
+                if mark_sent:
+                    already_sent = self._mark_sent(mark_sent)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc).lower():
+                raise SpoolFullError(f"spool {self.path}: {exc}") from exc
+            raise SpoolError(f"spool {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self.path}: {exc}") from exc
+        if readings:
+            self._last_id = first + len(readings) - 1
+        return list(range(first, first + len(readings))), already_sent
+
+    def _mark_sent(self, rids: Sequence[int]) -> int:
+        conn = self._conn
+        before = 0
+        for chunk in _chunks(rids, 500):
+            marks = ",".join("?" * len(chunk))
+            before += conn.execute(
+                f"SELECT count(*) FROM readings WHERE sent > 0 AND id IN ({marks})",  # noqa: S608
+                chunk,
+            ).fetchone()[0]
+            conn.execute(
+                f"UPDATE readings SET sent = 1 WHERE sent = 0 AND id IN ({marks})",  # noqa: S608
+                chunk,
+            )
+        return int(before)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def fetch_after(self, after_id: int, limit: int) -> list[SpooledReading]:
+        """Rows with id greater than ``after_id``, oldest first, at most ``limit``."""
+        rows = self._conn.execute(
+            "SELECT id, device_type, device_id, record_ts, record_time, data, received_at"
+            " FROM readings WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+        return [
+            SpooledReading(
+                row[0], Reading(row[1], row[2], row[3], row[4], orjson.loads(row[5]), row[6])
+            )
+            for row in rows
+        ]
+
+    def stats(self) -> SpoolStats:
+        """Counts and the age anchor of the oldest undelivered reading."""
+        count, oldest = self._conn.execute(
+            "SELECT count(*), min(received_at) FROM readings"
+        ).fetchone()
+        dead = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        return SpoolStats(int(count), self.used_bytes(), oldest, int(dead))
+
+    def dead_letters(
+        self, *, reason: str | None = None, limit: int = 100
+    ) -> list[dict[str, object]]:
+        """Dead letters, newest first, optionally filtered by reason code."""
+        sql = (
+            "SELECT id, at, source, reason, detail, topic, payload, device_type, device_id,"
+            " record_time, data FROM dead_letters"
+        )
+        args: list[object] = []
+        if reason is not None:
+            sql += " WHERE reason = ?"
+            args.append(reason)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        cols = (
+            "id at source reason detail topic payload device_type device_id record_time data"
+        ).split()
+        return [dict(zip(cols, row, strict=True)) for row in self._conn.execute(sql, args)]
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
