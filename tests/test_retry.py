@@ -30,6 +30,8 @@ from bridge.push.retry import Outcome, backoff, classify
         (403, "Forbidden.RAM", False, Outcome.CREDENTIALS),
         (403, "NoPermission", False, Outcome.CREDENTIALS),
         (400, "InvalidSecurityToken.Expired", False, Outcome.CREDENTIALS),
+        (400, "InvalidSecurityToken.SomethingNew", False, Outcome.CREDENTIALS),
+        (400, "InvalidAccessKeyId.Whatever", False, Outcome.CREDENTIALS),
         (404, "InvalidApi.NotFound", False, Outcome.CONFIG),
         (400, "InvalidProtocol.NeedSsl", False, Outcome.CONFIG),
         (400, "InvalidParameter", False, Outcome.PAYLOAD),

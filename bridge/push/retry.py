@@ -75,7 +75,9 @@ def classify(status: int, code: str, *, success_body: bool) -> Outcome:
             return Outcome.RESIGN
         if code.startswith("InvalidTimeStamp"):
             return Outcome.CLOCK
-        if code in _CREDENTIALS or code.startswith(("InvalidAccessKeyId", "Forbidden")):
+        if code in _CREDENTIALS or code.startswith(
+            ("InvalidAccessKeyId", "InvalidSecurityToken", "Forbidden")
+        ):
             return Outcome.CREDENTIALS
         if code in _CONFIG:
             return Outcome.CONFIG
