@@ -1,0 +1,181 @@
+"""Shared fixtures: a private mosquitto, the cloud stub, bridge processes, the shared/ directory.
+
+Every process fixture kills what it started in a ``finally`` (also when the test failed) and,
+when the test failed, prints the tail of each process's log into the test report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Make ``tests.harness`` importable however pytest is started (``pytest``, ``python -m
+# pytest``, from another directory): the repository root goes first on sys.path.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tests.harness import (  # noqa: E402 - needs the sys.path entry above
+    BridgeFactory,
+    BridgeProcess,
+    Mosquitto,
+    MosquittoFactory,
+    StubFactory,
+    StubProcess,
+    free_port,
+    write_bridge_config,
+)
+
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember each phase's report so fixtures can tell whether the test failed."""
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    reports = request.node.stash.get(_REPORTS, {})
+    return any(report.failed for report in reports.values())
+
+
+def _report_logs(request: pytest.FixtureRequest, *processes: Any) -> None:
+    if _test_failed(request):
+        for process in processes:
+            print(process.describe())
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's ``shared/`` directory (API notes and test vectors).
+
+    ``$ENERGY_BRIDGE_SHARED`` when set; otherwise ``shared/`` beside the repository checkout
+    (``/work/shared`` for ``/work/main``; CI puts a copy beside its clone).
+    """
+    override = os.environ.get("ENERGY_BRIDGE_SHARED")
+    path = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
+    if not path.is_dir():
+        pytest.fail(f"shared directory not found at {path}; set ENERGY_BRIDGE_SHARED")
+    return path
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MosquittoFactory]:
+    """Make private brokers with custom options; all are killed at teardown."""
+    brokers: list[Mosquitto] = []
+
+    def make(
+        *,
+        persistence: bool = True,
+        max_inflight: int | None = None,
+        max_queued_messages: int = 0,
+        extra_conf: str = "",
+        start: bool = True,
+    ) -> Mosquitto:
+        broker = Mosquitto(
+            tmp_path / f"mosquitto-{len(brokers)}",
+            persistence=persistence,
+            max_inflight=max_inflight,
+            max_queued_messages=max_queued_messages,
+            extra_conf=extra_conf,
+        )
+        brokers.append(broker)
+        return broker.start() if start else broker
+
+    try:
+        yield make
+    finally:
+        _report_logs(request, *brokers)
+        for broker in brokers:
+            broker.kill()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: MosquittoFactory) -> Mosquitto:
+    """A started private mosquitto with persistence on, on 127.0.0.1 and a free port."""
+    return mosquitto_factory()
+
+
+@pytest.fixture
+def stub_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StubFactory]:
+    """Make cloud stubs with extra CLI arguments (``"--error-rate", "0.2"``); killed at teardown."""
+    stubs: list[StubProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None, start: bool = True) -> StubProcess:
+        stub = StubProcess(tmp_path / f"stub-{len(stubs)}", args=args, env=env)
+        stubs.append(stub)
+        return stub.start() if start else stub
+
+    try:
+        yield make
+    finally:
+        _report_logs(request, *stubs)
+        for stub in stubs:
+            stub.kill()
+
+
+@pytest.fixture
+def stub(stub_factory: StubFactory) -> StubProcess:
+    """A started cloud stub with default settings (key ``testid``/``testsecret``)."""
+    return stub_factory()
+
+
+@pytest.fixture
+def bridge_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BridgeFactory]:
+    """Make bridge processes; each gets its own directory, spool and metrics port.
+
+    By default a bridge talks to the ``mosquitto`` and ``stub`` fixtures (requested only when
+    needed), is started and waited on until ``/readyz`` answers 200. Pass ``config`` to reuse
+    a config file, ``start=False`` or ``ready_timeout=None`` to do those steps yourself, and
+    config sections as keyword arguments (deep-merged), e.g. ``batch={"max_devices": 5}``.
+    All bridges are killed at teardown; a failed test prints their log tails.
+    """
+    bridges: list[BridgeProcess] = []
+
+    def make(
+        *,
+        mqtt_port: int | None = None,
+        cloud_url: str | None = None,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        ready_timeout: float | None = 30.0,
+        **overrides: Any,
+    ) -> BridgeProcess:
+        workdir = tmp_path / f"bridge-{len(bridges)}"
+        if config is None:
+            if mqtt_port is None:
+                mqtt_port = request.getfixturevalue("mosquitto").port
+            if cloud_url is None:
+                cloud_url = request.getfixturevalue("stub").url
+            config = write_bridge_config(
+                workdir,
+                mqtt_port=mqtt_port,
+                cloud_url=cloud_url,
+                http_port=free_port(),
+                **overrides,
+            )
+        bridge = BridgeProcess(config, workdir=workdir, env=env)
+        bridges.append(bridge)
+        if start:
+            bridge.start()
+            if ready_timeout is not None:
+                bridge.wait_ready(ready_timeout)
+        return bridge
+
+    try:
+        yield make
+    finally:
+        _report_logs(request, *bridges)
+        for bridge in bridges:
+            bridge.kill()
