@@ -228,7 +228,7 @@ class Pusher:
                 "entry refused by the cloud, dead-lettered",
                 extra={
                     "code": result.code,
-                    "message": result.message[:300],
+                    "error": result.message[:300],
                     "request_id": result.request_id,
                     "readings": len(dead),
                 },
@@ -261,7 +261,7 @@ class Pusher:
                     "outcome": outcome.value,
                     "code": result.code,
                     "status": result.status,
-                    "message": result.message[:300],
+                    "error": result.message[:300],
                     "request_id": result.request_id,
                     "devices": batch.size,
                 },
