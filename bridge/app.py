@@ -69,13 +69,18 @@ class App:
         """Run until stopped; see the module docstring for the shutdown order."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        for sig, handler in ((signal.SIGTERM, self.stop), (signal.SIGINT, self.stop),
-                             (signal.SIGHUP, self.reload)):
+        for sig, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self.reload),
+        ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, handler)
 
         spool = await asyncio.to_thread(
-            Spool.open, s.spool.path, max_bytes=s.spool.max_bytes,
+            Spool.open,
+            s.spool.path,
+            max_bytes=s.spool.max_bytes,
             synchronous=s.spool.synchronous.value,
         )
         self.metrics.spool_max_bytes.set(s.spool.max_bytes)
@@ -166,8 +171,8 @@ class App:
                     await t_feeder
                     # 3. let queued and in-flight pushes finish within the grace period
                     deadline = time.monotonic() + s.shutdown_grace_secs
-                    while not pusher.idle and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)
+                    while not pusher.idle and time.monotonic() < deadline:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)  # polling a condition of several stages
                     if not pusher.idle:
                         log.warning("grace period over; undelivered readings stay in the spool")
                     t_pusher.cancel()
@@ -186,14 +191,15 @@ class App:
             self.health.last_loop_tick = time.monotonic()
             try:
                 stats = await writer.stats()
-            except Exception:  # noqa: BLE001 - a stats failure must not stop the bridge
+            except Exception:
                 log.exception("spool stats failed")
             else:
                 m.spool_readings.set(stats.readings)
                 m.spool_bytes.set(stats.used_bytes)
                 m.dead_letters.set(stats.dead_letters)
                 m.spool_oldest_age.set(
-                    0 if stats.oldest_received_at is None
+                    0
+                    if stats.oldest_received_at is None
                     else max(0.0, time.time() - stats.oldest_received_at)
                 )
                 if stats.used_bytes >= self.settings.spool.max_bytes:

@@ -68,8 +68,9 @@ def _check(args: argparse.Namespace) -> int:
     status = 0
     if args.sample is not None:
         topic, payload = args.sample
-        mapper = Mapper(settings.routes, settings.timezone,
-                        max_payload_bytes=settings.mqtt.max_payload_bytes)
+        mapper = Mapper(
+            settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
+        )
         try:
             readings = mapper.map(topic.encode(), payload.encode(), time.time())
         except MappingError as exc:
@@ -112,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and print the effective settings")
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument(
-        "--sample", nargs=2, metavar=("TOPIC", "PAYLOAD"),
+        "--sample",
+        nargs=2,
+        metavar=("TOPIC", "PAYLOAD"),
         help="print the push body this message would become, or why it is rejected",
     )
     p.set_defaults(func=_check)

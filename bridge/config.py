@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,7 +55,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class MqttProtocol(str, Enum):
+class MqttProtocol(StrEnum):
     """MQTT protocol version spoken to the broker."""
 
     V5 = "v5"
@@ -110,7 +110,7 @@ class MqttSettings(_Section):
     """TLS options."""
 
 
-class PayloadFormat(str, Enum):
+class PayloadFormat(StrEnum):
     """How a route's payload is read."""
 
     JSON = "json"
@@ -141,7 +141,9 @@ class Route(_Section):
         names = _PLACEHOLDER.findall(value)
         unknown = set(names) - _KNOWN_FIELDS
         if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {sorted(_KNOWN_FIELDS)}")
+            raise ValueError(
+                f"unknown placeholder(s) {sorted(unknown)}; use {sorted(_KNOWN_FIELDS)}"
+            )
         if len(names) != len(set(names)):
             raise ValueError("a placeholder appears twice")
         for level in value.split("/"):
@@ -178,7 +180,7 @@ class Route(_Section):
         return _PLACEHOLDER.sub("+", self.topic)
 
 
-class CredentialsSource(str, Enum):
+class CredentialsSource(StrEnum):
     """Where cloud credentials come from."""
 
     ENV = "env"
@@ -257,7 +259,7 @@ class BatchSettings(_Section):
     """Readings are grouped by deviceType and recordTime window of this many seconds."""
 
 
-class SyncMode(str, Enum):
+class SyncMode(StrEnum):
     """SQLite ``synchronous`` setting of the spool."""
 
     FULL = "full"
@@ -304,7 +306,7 @@ class HttpSettings(_Section):
         return int(self.listen.rpartition(":")[2])
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     """Log line format."""
 
     AUTO = "auto"

@@ -9,6 +9,7 @@ large the backlog is, and the backlog drains in spool order at full speed once t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -99,10 +100,8 @@ class Feeder:
             if self._behind:
                 # Waiting for queue room: poll, since asyncio.Queue has no "space" event.
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
         for batch in batcher.flush():
             await self._queue.put(batch)
         log.info("feeder stopped", extra={"cursor": self._cursor})

@@ -73,7 +73,7 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        server: Any = site._server
         sockets = getattr(server, "sockets", None)
         if sockets:
             self.bound_port = int(sockets[0].getsockname()[1])

@@ -219,9 +219,7 @@ class MqttSource:
         client.connect_timeout = 10.0
         client.max_inflight_messages_set(100)
         if s.tls.enabled:
-            ctx = ssl.create_default_context(
-                cafile=str(s.tls.ca_file) if s.tls.ca_file else None
-            )
+            ctx = ssl.create_default_context(cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             if s.tls.cert_file is not None:
                 ctx.load_cert_chain(
@@ -343,9 +341,7 @@ class MqttSource:
         reasons: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
-        refused = [
-            t for t, r in zip(self._subscriptions, reasons, strict=False) if r.is_failure
-        ]
+        refused = [t for t, r in zip(self._subscriptions, reasons, strict=False) if r.is_failure]
         if refused:
             self._health.set("mqtt", f"broker refused subscription(s) {refused}")
             self._metrics.mqtt_subscriptions.set(len(self._subscriptions) - len(refused))
@@ -374,7 +370,7 @@ class MqttSource:
     def _on_paho_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         # msg.topic decodes UTF-8 and raises on bad bytes; mapping decides with the raw bytes.
         inbound = Inbound(
-            msg._topic,  # noqa: SLF001
+            msg._topic,
             bytes(msg.payload),
             time.time(),
             msg.mid,

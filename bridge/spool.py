@@ -12,6 +12,7 @@ with an id cursor and never miss a row.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -132,7 +133,7 @@ class Spool:
                         (str(SCHEMA_VERSION),),
                     )
                 elif int(row[0]) > SCHEMA_VERSION:
-                    raise SpoolError(
+                    raise SpoolError(  # noqa: TRY301 - rolls the transaction back below
                         f"spool {path} has schema version {row[0]}, newer than this "
                         f"energy-bridge understands ({SCHEMA_VERSION}); upgrade the bridge"
                     )
@@ -151,10 +152,9 @@ class Spool:
 
     def close(self) -> None:
         """Checkpoint and close the database."""
-        try:
+        # Closing must not fail because a checkpoint could not run.
+        with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass  # closing must not fail because a checkpoint could not run
         self._conn.close()
 
     # -- space ------------------------------------------------------------------------------
@@ -252,7 +252,9 @@ class Spool:
                 gone = list(delivered) + [d.rid for d in dead]
                 deleted = 0
                 if gone:
-                    cur = conn.executemany("DELETE FROM readings WHERE id = ?", [(i,) for i in gone])
+                    cur = conn.executemany(
+                        "DELETE FROM readings WHERE id = ?", [(i,) for i in gone]
+                    )
                     deleted = cur.rowcount
                 if mark_sent:
                     already_sent = self._mark_sent(mark_sent)
@@ -324,9 +326,19 @@ class Spool:
             args.append(reason)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
-        cols = (
-            "id at source reason detail topic payload device_type device_id record_time data"
-        ).split()
+        cols = [
+            "id",
+            "at",
+            "source",
+            "reason",
+            "detail",
+            "topic",
+            "payload",
+            "device_type",
+            "device_id",
+            "record_time",
+            "data",
+        ]
         return [dict(zip(cols, row, strict=True)) for row in self._conn.execute(sql, args)]
 
 

@@ -84,7 +84,7 @@ class SpoolWriter:
     def complete(
         self, delivered: Sequence[int] = (), dead: Sequence[DeadLetter] = ()
     ) -> asyncio.Future[None]:
-        """Delete delivered rows and move dead ones to the dead-letter table (retried until done)."""
+        """Delete delivered rows, move dead ones to the dead-letter table; retried until done."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._work.delivered.extend(delivered)
         self._work.dead.extend(dead)
@@ -133,7 +133,9 @@ class SpoolWriter:
                 self._work.delivered[:0] = work.delivered
                 self._work.dead[:0] = work.dead
                 self._work.completion_futures[:0] = work.completion_futures
-                log.error("spool write failed, retrying", extra={"error": str(result.completion_error)})
+                log.error(
+                    "spool write failed, retrying", extra={"error": str(result.completion_error)}
+                )
                 await asyncio.sleep(1.0)
 
     def close(self) -> None:
@@ -155,15 +157,14 @@ class SpoolWriter:
             ids, result.already_sent = self.spool.commit(
                 readings, rejects, work.delivered, work.dead, marks
             )
-            result.put_ids = _split_ids(ids, work.puts)
-            return result
-        except SpoolFullError as exc:
-            result.put_error = exc
         except SpoolError as exc:
             result.put_error = exc
             if not work.puts:
                 result.completion_error = exc
                 return result
+        else:
+            result.put_ids = _split_ids(ids, work.puts)
+            return result
         if work.delivered or work.dead or marks:
             try:
                 _, result.already_sent = self.spool.commit([], [], work.delivered, work.dead, marks)

@@ -164,7 +164,9 @@ class Pusher:
             async with self.limit:
                 result = await self._send(batch.body)
             outcome = classify(result.status, result.code, success_body=result.success)
-            self._metrics.push_requests.labels(outcome.value, result.code or str(result.status)).inc()
+            self._metrics.push_requests.labels(
+                outcome.value, result.code or str(result.status)
+            ).inc()
             if result.status:
                 self._metrics.push_latency.observe(result.elapsed)
             if outcome is Outcome.SUCCESS:

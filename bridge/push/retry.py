@@ -7,12 +7,12 @@ HTTP status class only when no code came back (the vendor's tables disagree on s
 from __future__ import annotations
 
 import random
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["Outcome", "backoff", "classify"]
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """The action a push result calls for."""
 
     SUCCESS = "success"
