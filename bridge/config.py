@@ -10,6 +10,7 @@ files named under ``cloud.credentials`` (see :mod:`bridge.credentials`).
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -105,7 +106,7 @@ class MqttSettings(_Section):
     reconnect_max_secs: float = Field(default=30.0, gt=0)
     """Largest reconnect delay."""
     max_payload_bytes: int = Field(default=256 * 1024, ge=64)
-    """Messages with a larger payload are rejected (dead-lettered truncated)."""
+    """Larger payloads are rejected; the dead letter keeps their first KiB as evidence."""
     tls: TlsSettings = TlsSettings()
     """TLS options."""
 
@@ -424,6 +425,9 @@ def load_settings(path: Path | None = None) -> Settings:
         first = exc.errors()[0]
         key = _format_loc(tuple(first["loc"]))
         message = first["msg"]
+        env_name = "ENERGY_BRIDGE_" + "__".join(str(p).upper() for p in first["loc"])
+        if env_name in os.environ:
+            message += f" (from the environment variable {env_name})"
         if first["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see the configuration reference)"
         more = len(exc.errors()) - 1

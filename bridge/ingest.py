@@ -30,6 +30,7 @@ __all__ = ["Ingest"]
 log = logging.getLogger("bridge.ingest")
 
 _REJECT_PREVIEW = 120
+_OVERSIZED_KEPT = 1024
 
 
 @dataclass(slots=True)
@@ -97,10 +98,14 @@ class Ingest:
         except MappingError as exc:
             self._metrics.messages_rejected.labels(exc.reason).inc()
             self._log_reject(inbound, exc)
+            payload = inbound.payload
+            if exc.reason == "payload_too_large":
+                # Kept only as evidence: an oversized payload must not fill the spool.
+                payload = payload[:_OVERSIZED_KEPT]
             item = _Pending(
                 token,
                 [],
-                Reject(inbound.topic, inbound.payload, exc.reason, exc.detail, inbound.received_at),
+                Reject(inbound.topic, payload, exc.reason, exc.detail, inbound.received_at),
             )
         self._pending.append(item)
         self._wake.set()
