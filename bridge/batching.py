@@ -16,7 +16,7 @@ import orjson
 
 from bridge.models import Batch, BatchKey, SpooledReading
 
-__all__ = ["Batcher", "build_body", "serialize_entry"]
+__all__ = ["Batcher", "build_body", "serialize_entry", "split_entries"]
 
 # deviceId is omitted for these device types (API reference).
 _NO_DEVICE_ID = frozenset({"15", "16"})

@@ -154,16 +154,19 @@ class Route(_Section):
                 raise ValueError("use {placeholders}, not MQTT wildcards, in a route template")
         return value
 
-    @field_validator("scale")
+    @field_validator("scale", mode="before")
     @classmethod
-    def _check_scale(cls, value: dict[str, str]) -> dict[str, str]:
+    def _check_scale(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value  # the type check reports it
         for point, factor in value.items():
             try:
                 ok = Decimal(str(factor)).is_finite()
             except InvalidOperation:
                 ok = False
-            if not ok:
+            if isinstance(factor, bool) or not ok:
                 raise ValueError(f"scale for {point!r} must be a finite decimal, got {factor!r}")
+        # YAML numbers are accepted: the shortest text of a float is what the user typed.
         return {k: str(v) for k, v in value.items()}
 
     @model_validator(mode="after")
@@ -412,12 +415,23 @@ def load_settings(path: Path | None = None) -> Settings:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                "", f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError("", f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError("", f"config file {path} must hold a mapping at the top level")
+        for key in loaded:
+            if not isinstance(key, str):
+                raise ConfigError(
+                    str(key),
+                    f"top-level key {key!r} is not a name (YAML reads on/off/yes/no and numbers"
+                    " as values: quote the key)",
+                )
         data = loaded
     try:
         return Settings(**data)

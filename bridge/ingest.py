@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.errors import MappingError, SpoolError, SpoolFullError
 from bridge.feeder import Feeder
@@ -82,7 +83,7 @@ class Ingest:
         self._paused = False
         self._stopping = False
         self._reject_log: dict[str, tuple[float, int]] = {}
-        self._received = metrics.messages_received.labels("mqtt")
+        self._received: dict[str, Any] = {}
 
     @property
     def pending(self) -> int:
@@ -91,7 +92,11 @@ class Ingest:
 
     def on_message(self, inbound: Inbound, token: AckToken | None) -> None:
         """Map one message and queue it for the next commit (called on the event loop)."""
-        self._received.inc()
+        route = self._mapper.route_of(inbound.topic)
+        counter = self._received.get(route)
+        if counter is None:
+            counter = self._received[route] = self._metrics.messages_received.labels(route)
+        counter.inc()
         try:
             readings = self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
             item = _Pending(token, readings, None)

@@ -363,6 +363,7 @@ class _Matcher:
     __slots__ = (
         "fixed_type",
         "id_index",
+        "template",
         "is_json",
         "levels",
         "literals",
@@ -375,6 +376,7 @@ class _Matcher:
 
     def __init__(self, route: Route, where: str) -> None:
         parts = route.topic.split("/")
+        self.template = route.topic
         self.levels = len(parts)
         self.literals = tuple(
             (i, level) for i, level in enumerate(parts) if not level.startswith("{")
@@ -460,6 +462,19 @@ class Mapper:
     def subscriptions(self) -> list[str]:
         """MQTT topic filters, one per route, each placeholder replaced by ``+``."""
         return list(self._subscriptions)
+
+    def route_of(self, topic: bytes) -> str:
+        """The template of the route ``topic`` maps through, ``"none"`` when it matches none.
+
+        A metric label: low cardinality (one value per configured route).
+        """
+        resolved = self._topic_cache.get(topic)
+        if resolved is None:
+            try:
+                resolved = self._resolve(topic)
+            except MappingError:
+                return "none"
+        return resolved[0].template
 
     def map(self, topic: bytes, payload: bytes, received_at: float) -> list[Reading]:
         """Turn one MQTT message into readings.

@@ -42,6 +42,37 @@ log = logging.getLogger("bridge.mqtt")
 
 AckToken = tuple[int, int]  # (connection generation, message id)
 
+_READ_CHUNK = 256 * 1024
+_PACKETS_PER_WAKEUP = 2000
+
+
+class _BufferedClient(paho.Client):
+    """paho reads each packet with three or more ``recv`` calls (command byte, length bytes,
+    body): at thousands of messages a second those system calls are most of the cost. This
+    subclass serves them from one large read. ``would_block`` tells the reader when both the
+    buffer and the socket are empty, since paho turns that condition into plain success.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rbuf = bytearray()
+        self.would_block = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf = self.rbuf
+        if not buf:
+            try:
+                data = super()._sock_recv(_READ_CHUNK)
+            except BlockingIOError:
+                self.would_block = True
+                raise
+            if not data:
+                return data  # end of stream: paho handles the lost connection
+            buf += data
+        chunk = bytes(buf[:bufsize])
+        del buf[:bufsize]
+        return chunk
+
 
 class MqttSource:
     """Keeps a persistent QoS 1 session on the broker and yields messages to ``on_message``.
@@ -205,10 +236,10 @@ class MqttSource:
             return f"broker refused the connection: {reason}"
         return None
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _BufferedClient:
         s = self._settings
         v5 = s.protocol is MqttProtocol.V5
-        client = paho.Client(
+        client = _BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             clean_session=None if v5 else False,
@@ -259,6 +290,7 @@ class MqttSource:
     def _on_socket_open(self, _c: paho.Client, _u: object, sock: Any) -> None:
         def attach() -> None:
             assert self._loop is not None  # noqa: S101
+            self._client.rbuf.clear()  # nothing of an old connection may be parsed as new
             self._sock = sock
             if not self._paused:
                 self._loop.add_reader(sock, self._on_readable)
@@ -290,9 +322,19 @@ class MqttSource:
         self._in_loop(unregister)
 
     def _on_readable(self) -> None:
-        if not self._paused:
-            # Read many packets per wake-up; paho stops early when the socket is drained.
-            self._client.loop_read(max_packets=1000)
+        client = self._client
+        for _ in range(_PACKETS_PER_WAKEUP):
+            if self._paused or self._sock is None:
+                return
+            client.would_block = False
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return
+            if client.would_block and not client.rbuf:
+                return
+        # Packets may be left in our buffer with nothing left to read on the socket, so the
+        # loop would not wake us again: come back after other tasks had their turn.
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon(self._on_readable)
 
     def _on_writable(self) -> None:
         self._client.loop_write()

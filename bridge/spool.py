@@ -88,6 +88,26 @@ class SpoolStats:
     dead_letters: int
 
 
+def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if not has_meta:
+        return
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        return
+    try:
+        version = int(row[0])
+    except ValueError:
+        raise SpoolError(f"spool {path} has an unreadable schema version {row[0]!r}") from None
+    if version > SCHEMA_VERSION:
+        raise SpoolError(
+            f"spool {path} has schema version {version}, newer than this energy-bridge"
+            f" understands ({SCHEMA_VERSION}); upgrade the bridge"
+        )
+
+
 def _topic_text(topic: bytes) -> str:
     return topic.decode("utf-8", errors="backslashreplace")
 
@@ -111,39 +131,34 @@ class Spool:
         """Open (and create or migrate) the spool at ``path``.
 
         Raises:
-            SpoolError: the file cannot be opened, is not a spool, or is from a newer version.
+            SpoolError: the file cannot be opened, is not a spool, or is from a newer version
+                (checked before anything is written to it).
         """
+        conn: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=30
             )
+            _check_version(conn, path)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA temp_store=MEMORY")
             # executescript commits on its own; the schema statements are idempotent.
             conn.executescript(_SCHEMA)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),),
-                    )
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise SpoolError(  # noqa: TRY301 - rolls the transaction back below
-                        f"spool {path} has schema version {row[0]}, newer than this "
-                        f"energy-bridge understands ({SCHEMA_VERSION}); upgrade the bridge"
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            return cls(conn, path, max_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
             raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-        return cls(conn, path, max_bytes)
+        except SpoolError:
+            if conn is not None:
+                conn.close()
+            raise
 
     @property
     def last_id(self) -> int:
@@ -194,7 +209,9 @@ class Spool:
 
         Raises:
             SpoolFullError: inserting would pass ``max_bytes`` or the disk is full; in that case
-                nothing at all was written and the caller must retry.
+                nothing at all was written and the caller must retry. The size check is made
+                before the transaction, so one group commit may pass ``max_bytes`` by its own
+                size; the next one is refused.
             SpoolError: any other database failure; nothing was written.
         """
         if (readings or rejects) and self.is_full():
@@ -260,7 +277,10 @@ class Spool:
                     already_sent = self._mark_sent(mark_sent)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite may already have rolled back (e.g. on SQLITE_FULL); a second
+                # ROLLBACK would fail and hide the real error.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
             if "full" in str(exc).lower():

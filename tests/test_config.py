@@ -1,0 +1,366 @@
+"""Configuration: defaults, YAML file, environment overrides, validation naming the key."""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from bridge.config import PayloadFormat, Route, Settings, load_settings
+from bridge.errors import ConfigError
+
+ROUTE = "meters/{deviceType}/{deviceId}/telemetry"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep ENERGY_BRIDGE_* variables of the surrounding shell out of every test."""
+    for name in list(os.environ):
+        if name.upper().startswith("ENERGY_BRIDGE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> typing.Callable[[str], Path]:
+    """Write YAML text to a config file and return its path."""
+
+    def _write(text: str) -> Path:
+        path = tmp_path / "energy-bridge.yaml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return _write
+
+
+def _error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return info.value
+
+
+# -- defaults and sources -------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    """Test that without a file the documented defaults apply."""
+    settings = load_settings()
+
+    assert ("127.0.0.1", 1883) == (settings.mqtt.host, settings.mqtt.port)
+    assert [ROUTE] == [route.topic for route in settings.routes]
+    assert Path("./energy-bridge.db") == settings.spool.path
+    assert "127.0.0.1:9108" == settings.http.listen
+    assert ("127.0.0.1", 9108) == (settings.http.host, settings.http.port)
+    assert "Asia/Shanghai" == settings.timezone
+
+
+def test_config_empty_file_gives_defaults(write: typing.Callable[[str], Path]) -> None:
+    """Test that an empty file is the same as no file."""
+    assert load_settings() == load_settings(write(""))
+
+
+def test_config_yaml_file_is_read(write: typing.Callable[[str], Path]) -> None:
+    """Test that values in the YAML file replace the defaults, the rest stays default."""
+    path = write(
+        "mqtt:\n"
+        "  host: broker.plant.local\n"
+        "  port: 8883\n"
+        "batch:\n"
+        "  max_devices: 50\n"
+        "cloud:\n"
+        "  endpoint: https://energyexpertexternal.cn-hangzhou.aliyuncs.com/\n"
+        "timezone: UTC\n"
+    )
+
+    settings = load_settings(path)
+
+    assert ("broker.plant.local", 8883) == (settings.mqtt.host, settings.mqtt.port)
+    assert 50 == settings.batch.max_devices
+    assert "https://energyexpertexternal.cn-hangzhou.aliyuncs.com" == settings.cloud.endpoint
+    assert "UTC" == settings.timezone
+    assert 512 * 1024 == settings.batch.max_bytes
+
+
+def test_config_environment_overrides_the_file(
+    write: typing.Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Test that ENERGY_BRIDGE_MQTT__PORT beats the file, other file keys of the section stay."""
+    path = write("mqtt:\n  host: broker.plant.local\n  port: 1885\n")
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "1884")
+
+    settings = load_settings(path)
+
+    assert ("broker.plant.local", 1884) == (settings.mqtt.host, settings.mqtt.port)
+
+
+def test_config_environment_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that environment variables apply when no file is given."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "1884")
+    monkeypatch.setenv("ENERGY_BRIDGE_TIMEZONE", "Europe/Berlin")
+
+    settings = load_settings()
+
+    assert (1884, "Europe/Berlin") == (settings.mqtt.port, settings.timezone)
+
+
+def test_config_environment_value_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a bad value from the environment is a ConfigError naming its key."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "not-a-port")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    assert "mqtt.port" == info.value.key
+
+
+def test_config_settings_are_frozen() -> None:
+    """Test that loaded settings cannot be changed afterwards."""
+    settings = load_settings()
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.mqtt.port = 1  # type: ignore[misc]
+
+
+# -- errors name their key ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("mqtt:\n  prot: 1884\n", "mqtt.prot"),
+        ("mqttt:\n  port: 1884\n", "mqttt"),
+        ("cloud:\n  credentials:\n    sorce: env\n", "cloud.credentials.sorce"),
+        (f"routes:\n  - topic: '{ROUTE}'\n    formt: json\n", "routes[0].formt"),
+    ],
+)
+def test_config_unknown_key_is_named(
+    write: typing.Callable[[str], Path], text: str, key: str
+) -> None:
+    """Test that an unknown key is a ConfigError with its dotted path, saying it is unknown."""
+    error = _error(write(text))
+
+    assert key == error.key
+    assert "unknown" in error.message
+    assert str(error).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("batch:\n  max_devices: many\n", "batch.max_devices"),
+        ("batch:\n  max_devices: 0\n", "batch.max_devices"),
+        ("mqtt:\n  port: 70000\n", "mqtt.port"),
+        ("mqtt:\n  tls:\n    enabled: perhaps\n", "mqtt.tls.enabled"),
+        ("spool:\n  synchronous: sometimes\n", "spool.synchronous"),
+        ("spool:\n  max_bytes: 1024\n", "spool.max_bytes"),
+        ("log:\n  level: trace\n", "log.level"),
+        ("routes: []\n", "routes"),
+    ],
+)
+def test_config_wrong_value_names_the_key(
+    write: typing.Callable[[str], Path], text: str, key: str
+) -> None:
+    """Test that a value of the wrong type or out of range is a ConfigError naming its key."""
+    assert key == _error(write(text)).key
+
+
+def test_config_several_problems_report_the_first_and_a_count(
+    write: typing.Callable[[str], Path],
+) -> None:
+    """Test that with several bad keys the error names the first and counts the others."""
+    error = _error(write("mqtt:\n  port: x\nbatch:\n  max_devices: y\n"))
+
+    assert "mqtt.port" == error.key
+    assert "(and 1 more problem)" in error.message
+
+
+def test_config_bad_timezone(write: typing.Callable[[str], Path]) -> None:
+    """Test that a timezone unknown to the IANA database is refused."""
+    error = _error(write("timezone: Mars/Olympus_Mons\n"))
+
+    assert "timezone" == error.key
+    assert "Mars/Olympus_Mons" in error.message
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "energyexpertexternal.cn-hangzhou.aliyuncs.com",
+        "ftp://energyexpertexternal.cn-hangzhou.aliyuncs.com",
+        "https://",
+        "https://energyexpertexternal.cn-hangzhou.aliyuncs.com/api/v1/data/increment/push",
+        "https://energyexpertexternal.cn-hangzhou.aliyuncs.com?region=cn-hangzhou",
+    ],
+)
+def test_config_bad_endpoint(write: typing.Callable[[str], Path], endpoint: str) -> None:
+    """Test that an endpoint without scheme and host, or with a path or query, is refused."""
+    assert "cloud.endpoint" == _error(write(f"cloud:\n  endpoint: '{endpoint}'\n")).key
+
+
+@pytest.mark.parametrize(
+    ("route", "key"),
+    [
+        ("topic: 'meters/{deviceType}/{serial}/telemetry'", "routes[0].topic"),
+        ("topic: 'meters/{deviceType}/+/telemetry'", "routes[0].topic"),
+        ("topic: 'meters/{deviceType}/{deviceId}/#'", "routes[0].topic"),
+        ("topic: 'meters/{deviceType}/id-{deviceId}/telemetry'", "routes[0].topic"),
+        ("topic: 'meters/{deviceType}/{deviceId}/{deviceId}'", "routes[0].topic"),
+        ("topic: 'meters/{deviceType}/{deviceId}/telemetry'\n    format: value", "routes[0]"),
+        ("topic: 'meters/{deviceId}/telemetry'", "routes[0]"),
+    ],
+)
+def test_config_route_placeholders_are_validated(
+    write: typing.Callable[[str], Path], route: str, key: str
+) -> None:
+    """Test that bad route templates are refused with the route's key."""
+    assert key == _error(write(f"routes:\n  - {route}\n")).key
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        {"topic": "meters/{deviceId}/telemetry", "device_type": "1"},
+        {"topic": "plant/{deviceType}/{deviceId}/points/{point}", "format": "value"},
+        {"topic": "site/weather", "device_type": "15"},
+    ],
+)
+def test_config_valid_route_templates_are_accepted(route: dict[str, str]) -> None:
+    """Test that templates with a fixed device type or a {point} level for values pass."""
+    assert route["topic"] == Route.model_validate(route).topic
+
+
+@pytest.mark.parametrize("factor", ["abc", "NaN", "Infinity", "-inf", "", "1/1000"])
+def test_config_scale_must_be_a_finite_decimal(
+    write: typing.Callable[[str], Path], factor: str
+) -> None:
+    """Test that a scale factor that is not a finite decimal is refused."""
+    error = _error(write(f"routes:\n  - scale: {{Ep_imp: '{factor}'}}\n"))
+
+    assert "routes[0].scale" == error.key
+    assert "finite decimal" in error.message
+
+
+def test_config_scale_keeps_the_exact_text(write: typing.Callable[[str], Path]) -> None:
+    """Test that valid scale factors are kept as the exact decimal text given."""
+    settings = load_settings(write("routes:\n  - scale: {Ep_imp: '0.001', P: '1000', Q: '1E-3'}\n"))
+
+    assert {"Ep_imp": "0.001", "P": "1000", "Q": "1E-3"} == settings.routes[0].scale
+
+
+def test_config_credentials_file_source_needs_both_files(
+    write: typing.Callable[[str], Path],
+) -> None:
+    """Test that source 'file' without both the id and the secret file is refused."""
+    only_id = "cloud:\n  credentials:\n    source: file\n    access_key_id_file: /run/id\n"
+    only_secret = "cloud:\n  credentials:\n    source: file\n    access_key_secret_file: /run/s\n"
+    both = only_id + "    access_key_secret_file: /run/s\n"
+
+    assert "cloud.credentials" == _error(write(only_id)).key
+    assert "cloud.credentials" == _error(write(only_secret)).key
+    assert Path("/run/s") == load_settings(write(both)).cloud.credentials.access_key_secret_file
+
+
+@pytest.mark.parametrize("listen", ["9108", "127.0.0.1", ":9108", "localhost:http", "h:65536"])
+def test_config_http_listen_must_be_host_port(
+    write: typing.Callable[[str], Path], listen: str
+) -> None:
+    """Test that http.listen must be host:port with a numeric port in range."""
+    assert "http.listen" == _error(write(f"http:\n  listen: '{listen}'\n")).key
+
+
+def test_config_http_listen_accepts_bracketed_ipv6(write: typing.Callable[[str], Path]) -> None:
+    """Test that an IPv6 listen address splits into host and port."""
+    http = load_settings(write("http:\n  listen: '[::1]:9200'\n")).http
+
+    assert ("::1", 9200) == (http.host, http.port)
+
+
+# -- the file itself ------------------------------------------------------------------------
+
+
+def test_config_invalid_yaml(write: typing.Callable[[str], Path]) -> None:
+    """Test that a file that is not YAML is a ConfigError with an empty key."""
+    error = _error(write("mqtt: [\n  port: 1884\n"))
+
+    assert "" == error.key
+    assert "not valid YAML" in error.message
+
+
+@pytest.mark.parametrize("text", ["- mqtt\n- batch\n", "just a string\n", "42\n"])
+def test_config_top_level_must_be_a_mapping(write: typing.Callable[[str], Path], text: str) -> None:
+    """Test that a YAML document that is not a mapping is a ConfigError with an empty key."""
+    error = _error(write(text))
+
+    assert "" == error.key
+    assert "mapping" in error.message
+
+
+def test_config_missing_file(tmp_path: Path) -> None:
+    """Test that a missing config file is a ConfigError naming the file."""
+    path = tmp_path / "nowhere.yaml"
+
+    error = _error(path)
+
+    assert "" == error.key
+    assert str(path) in error.message
+
+
+def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
+    """Test that a config file in another encoding is a ConfigError with an empty key."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# Anlage K\u00f6ln\nmqtt:\n  port: 1884\n".encode("latin-1"))
+
+    assert "" == _error(path).key
+
+
+@pytest.mark.parametrize("text", ["on: true\n", "1884: mqtt\n"])
+def test_config_top_level_key_that_is_not_a_string(
+    write: typing.Callable[[str], Path], text: str
+) -> None:
+    """Test that a top-level key YAML reads as a bool or number is a ConfigError."""
+    assert isinstance(_error(write(text)), ConfigError)
+
+
+# -- the model as documentation -------------------------------------------------------------
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, str | None]]:
+    for name, info in model.model_fields.items():
+        yield prefix + name, info.description
+        for arg in typing.get_args(info.annotation) or (info.annotation,):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                yield from _fields(arg, f"{prefix}{name}.")
+
+
+def test_config_every_field_has_a_description() -> None:
+    """Test that every field of every section is documented (the config reads as its docs)."""
+    fields = dict(_fields(Settings))
+
+    assert [] == [name for name, description in fields.items() if not description]
+    assert {"mqtt.tls.ca_file", "routes.scale", "cloud.credentials.source"} <= set(fields)
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("topic", "subscription"),
+    [
+        (ROUTE, "meters/+/+/telemetry"),
+        ("plant/{deviceType}/{deviceId}/points/{point}", "plant/+/+/points/+"),
+        ("site/{deviceId}", "site/+"),
+    ],
+)
+def test_config_route_subscription_turns_placeholders_into_plus(
+    topic: str, subscription: str
+) -> None:
+    """Test that Route.subscription is the template with each placeholder replaced by +."""
+    value = "{point}" in topic
+    route = Route(
+        topic=topic, device_type="1", format=PayloadFormat.VALUE if value else PayloadFormat.JSON
+    )
+
+    assert subscription == route.subscription
