@@ -363,13 +363,13 @@ class _Matcher:
     __slots__ = (
         "fixed_type",
         "id_index",
-        "template",
         "is_json",
         "levels",
         "literals",
         "point_index",
         "renames",
         "scale",
+        "template",
         "time_key",
         "type_index",
     )
