@@ -114,6 +114,7 @@ class App:
             health=self.health,
             commit_max=s.spool.commit_max_rows,
             high_water=max(2 * s.mqtt.receive_maximum, 20_000),
+            max_tracked_devices=s.metrics.max_tracked_devices,
         )
         server = HealthServer(
             host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
@@ -157,7 +158,7 @@ class App:
                     t_feeder = tg.create_task(feeder.run(), name="feeder")
                     t_pusher = tg.create_task(pusher.run(), name="pusher")
                     t_source = tg.create_task(source.run(), name="mqtt-source")
-                    t_stats = tg.create_task(self._stats_loop(writer), name="stats")
+                    t_stats = tg.create_task(self._stats_loop(writer, ingest), name="stats")
                     await self._stop.wait()
                     log.info("shutting down")
                     # 1. stop taking messages; commit and ack what arrived
@@ -185,10 +186,14 @@ class App:
                 await asyncio.to_thread(writer.shutdown)
         log.info("energy-bridge stopped")
 
-    async def _stats_loop(self, writer: SpoolWriter) -> None:
+    async def _stats_loop(self, writer: SpoolWriter, ingest: Ingest) -> None:
         m = self.metrics
+        silent_after = self.settings.metrics.device_silent_after_secs
         while True:
             self.health.last_loop_tick = time.monotonic()
+            now = time.time()
+            m.devices_seen.set(len(ingest.last_seen))
+            m.devices_silent.set(ingest.silent_devices(silent_after, now))
             try:
                 stats = await writer.stats()
             except Exception:

@@ -97,8 +97,15 @@ def _delegate(module: str) -> tuple[Any, Any]:
     return mod.add_arguments, mod.run_from_args
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
+_DELEGATED = (
+    ("cloud-stub", "bridge.cloud_stub", "run a local stand-in for the push API"),
+    ("simulate", "bridge.simulate", "publish simulated three-phase meter readings"),
+    ("demo", "bridge.demo", "run mosquitto, the stub, the simulator and the bridge together"),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` limits which tools' options are loaded."""
     parser = argparse.ArgumentParser(
         prog="energy-bridge",
         description="Deliver meter readings from MQTT to Alibaba Cloud Energy Expert.",
@@ -120,24 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_check)
 
-    for name, module, help_text in (
-        ("cloud-stub", "bridge.cloud_stub", "run a local stand-in for the push API"),
-        ("simulate", "bridge.simulate", "publish simulated three-phase meter readings"),
-        ("demo", "bridge.demo", "run mosquitto, the stub, the simulator and the bridge together"),
-    ):
+    for name, module, help_text in _DELEGATED:
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(module=module)
-        try:
+        # Import a tool's module only when that tool runs (or its help is asked for): `run`
+        # should not pay for loading the stub, the simulator and the demo.
+        if command in {name, None}:
             add_arguments, _ = _delegate(module)
-        except ImportError:
-            continue
-        add_arguments(p)
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``energy-bridge`` and ``python -m bridge``."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "func"):

@@ -39,6 +39,7 @@ __all__ = [
     "CredentialsSettings",
     "HttpSettings",
     "LogSettings",
+    "MetricsSettings",
     "MqttSettings",
     "PayloadFormat",
     "Route",
@@ -310,6 +311,15 @@ class HttpSettings(_Section):
         return int(self.listen.rpartition(":")[2])
 
 
+class MetricsSettings(_Section):
+    """Per-device freshness, kept to two series whatever the number of devices."""
+
+    device_silent_after_secs: float = Field(default=300.0, gt=0)
+    """A device that sent nothing for this long counts in ``bridge_devices_silent``."""
+    max_tracked_devices: int = Field(default=100_000, ge=1)
+    """Most devices whose last reading time is remembered (memory bound)."""
+
+
 class LogFormat(StrEnum):
     """Log line format."""
 
@@ -360,6 +370,8 @@ class Settings(BaseSettings):
     """Metrics and health endpoint."""
     log: LogSettings = LogSettings()
     """Logging."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Metrics options."""
     timezone: str = "Asia/Shanghai"
     """IANA zone recordTime is written in, and in which times without offset are read."""
     shutdown_grace_secs: float = Field(default=10.0, ge=0)

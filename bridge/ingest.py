@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from bridge.errors import MappingError, SpoolError, SpoolFullError
 from bridge.feeder import Feeder
 from bridge.health import Health
+from bridge.logs import Throttled
 from bridge.mapping import Mapper
 from bridge.models import Inbound, Reading
 from bridge.mqtt_source import AckToken
@@ -67,6 +67,7 @@ class Ingest:
         health: Health,
         commit_max: int,
         high_water: int,
+        max_tracked_devices: int = 100_000,
     ) -> None:
         self._mapper = mapper
         self._writer = writer
@@ -79,11 +80,19 @@ class Ingest:
         self._commit_max = commit_max
         self._high_water = high_water
         self._pending: list[_Pending] = []
+        # device -> last receive time, for the freshness gauges (bounded).
+        self.last_seen: dict[tuple[str, str | None], float] = {}
+        self._max_tracked = max_tracked_devices
         self._wake = asyncio.Event()
         self._paused = False
         self._stopping = False
-        self._reject_log: dict[str, tuple[float, int]] = {}
+        self._reject_log = Throttled(log)
         self._received: dict[str, Any] = {}
+
+    def silent_devices(self, silent_after: float, now: float) -> int:
+        """How many known devices sent nothing for ``silent_after`` seconds."""
+        cutoff = now - silent_after
+        return sum(1 for t in self.last_seen.values() if t < cutoff)
 
     @property
     def pending(self) -> int:
@@ -100,6 +109,11 @@ class Ingest:
         try:
             readings = self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
             item = _Pending(token, readings, None)
+            seen = self.last_seen
+            for reading in readings:
+                key = (reading.device_type, reading.device_id)
+                if key in seen or len(seen) < self._max_tracked:
+                    seen[key] = inbound.received_at
         except MappingError as exc:
             self._metrics.messages_rejected.labels(exc.reason).inc()
             self._log_reject(inbound, exc)
@@ -157,6 +171,7 @@ class Ingest:
             del self._pending[: len(chunk)]
             self._ack([p.token for p in chunk if p.token is not None])
             self._metrics.readings_accepted.inc(len(rows))
+            self._metrics.messages_accepted.inc(len(chunk) - len(rejects))
             self._metrics.mqtt_unacked.set(len(self._pending))
             self._feeder.offer(rows)
             if self._paused and len(self._pending) < self._high_water // 2:
@@ -164,20 +179,14 @@ class Ingest:
                 self._resume()
 
     def _log_reject(self, inbound: Inbound, exc: MappingError) -> None:
-        # One line per reason per minute, with how many were folded into it.
-        now = time.monotonic()
-        last, folded = self._reject_log.get(exc.reason, (-1e9, 0))
-        if now - last < 60:
-            self._reject_log[exc.reason] = (last, folded + 1)
-            return
-        self._reject_log[exc.reason] = (now, 0)
-        log.warning(
+        self._reject_log.log(
+            exc.reason,
+            logging.WARNING,
             "message rejected, dead-lettered",
-            extra={
+            {
                 "reason": exc.reason,
                 "detail": exc.detail,
                 "topic": inbound.topic[:200].decode("utf-8", "backslashreplace"),
                 "payload_preview": inbound.payload[:_REJECT_PREVIEW].decode("utf-8", "replace"),
-                "similar_since_last_line": folded,
             },
         )

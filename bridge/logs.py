@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["setup_logging"]
+__all__ = ["Throttled", "setup_logging"]
 
 _STANDARD = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
@@ -65,3 +65,35 @@ def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level)
     # aiohttp's access log and paho's own logger are not ours to print.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """Logs one line per key per ``interval`` seconds and says how many were folded into it.
+
+    Repeated identical failures (the same push error, the same reject reason) then cost one
+    line a minute instead of one per request, and the count keeps them visible.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def log(self, key: str, level: int, event: str, fields: dict[str, Any]) -> bool:
+        """Log ``event`` with ``fields`` unless ``key`` was logged within the interval.
+
+        Returns:
+            Whether a line was written.
+        """
+        now = time.monotonic()
+        last, folded = self._last.get(key, (-1e18, 0))
+        if now - last < self._interval:
+            self._last[key] = (last, folded + 1)
+            return False
+        self._last[key] = (now, 0)
+        self._logger.log(level, event, extra={**fields, "repeated_since_last_line": folded})
+        return True
+
+    def reset(self) -> None:
+        """Forget every key (e.g. after recovery, so the next failure is logged at once)."""
+        self._last.clear()

@@ -33,6 +33,11 @@ class Metrics:
         self.messages_received = Counter(
             "bridge_messages_received_total", "MQTT messages received", ["route"], registry=r
         )
+        self.messages_accepted = Counter(
+            "bridge_messages_accepted_total",
+            "Messages mapped to readings and committed to the spool",
+            registry=r,
+        )
         self.readings_accepted = Counter(
             "bridge_readings_accepted_total", "Readings committed to the spool", registry=r
         )

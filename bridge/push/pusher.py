@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from bridge.batching import split_entries
 from bridge.health import Health
+from bridge.logs import Throttled
 from bridge.models import Batch
 from bridge.push.client import PushResult
 from bridge.push.retry import Outcome, backoff, classify
@@ -123,7 +124,7 @@ class Pusher:
         self.limit = AdaptiveLimit(max_in_flight, metrics)
         self._pause = _Pause()
         self._busy = 0
-        self._logged: dict[str, float] = {}
+        self._failures_log = Throttled(log)
 
     @property
     def idle(self) -> bool:
@@ -208,8 +209,10 @@ class Pusher:
     async def _succeeded(self, batch: Batch) -> None:
         self.limit.on_success()
         self._pause.strikes = 0
-        self._health.set("cloud", None)
-        self._logged.clear()
+        if "cloud" in self._health.problems:
+            # Recovered: the next failure of any kind deserves a line at once.
+            self._failures_log.reset()
+            self._health.set("cloud", None)
         await self._writer.complete(delivered=batch.rids)
         self._metrics.readings_delivered.inc(len(batch.rids))
         now = time.time()
@@ -253,21 +256,19 @@ class Pusher:
         if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
             self._health.set("cloud", f"{outcome.value}: {problem}")
         # One log line per distinct problem per minute, not one per request.
-        key = f"{outcome.value}|{result.code}|{result.status}"
-        now = time.monotonic()
-        if now - self._logged.get(key, -1e9) >= 60:
-            self._logged[key] = now
-            log.warning(
-                "push failed, will retry",
-                extra={
-                    "outcome": outcome.value,
-                    "code": result.code,
-                    "status": result.status,
-                    "error": result.message[:300],
-                    "request_id": result.request_id,
-                    "devices": batch.size,
-                },
-            )
+        self._failures_log.log(
+            f"{outcome.value}|{result.code}|{result.status}",
+            logging.WARNING,
+            "push failed, will retry",
+            {
+                "outcome": outcome.value,
+                "code": result.code,
+                "status": result.status,
+                "error": result.message[:300],
+                "request_id": result.request_id,
+                "devices": batch.size,
+            },
+        )
 
 
 def _slice(batch: Batch, start: int, stop: int, max_bytes: int) -> Batch:
