@@ -29,7 +29,7 @@ from bridge.batching import Batcher
 from bridge.config import Settings
 from bridge.credentials import CredentialsProvider
 from bridge.feeder import Feeder
-from bridge.health import Health, HealthServer
+from bridge.health import SPOOL_FULL, Health, HealthServer
 from bridge.ingest import Ingest
 from bridge.mapping import Mapper
 from bridge.models import Batch
@@ -54,6 +54,7 @@ class App:
         self.health = Health(self.metrics)
         self.credentials = CredentialsProvider(settings.cloud.credentials)
         self._stop = asyncio.Event()
+        self._pusher: Pusher | None = None
         self.http_port: int | None = None
 
     def stop(self) -> None:
@@ -64,6 +65,8 @@ class App:
         """SIGHUP: re-read credentials (files or environment) on the next request."""
         log.info("reloading credentials", extra={"source": self.credentials.source})
         self.credentials.reload()
+        if self._pusher is not None:
+            self._pusher.resume_now()
 
     async def run(self) -> None:
         """Run until stopped; see the module docstring for the shutdown order."""
@@ -93,7 +96,7 @@ class App:
             window_secs=s.batch.window_secs,
             linger_secs=s.batch.linger_secs,
             max_pending=max(10_000, 4 * s.batch.max_devices * s.cloud.max_in_flight),
-            clock=time.monotonic,
+            clock=time.time,
         )
         feeder = Feeder(writer=writer, batcher=batcher, queue=queue)
         ingest: Ingest | None = None
@@ -151,6 +154,7 @@ class App:
                 retry_max=s.cloud.retry_max_secs,
                 on_credentials_problem=self.credentials.reload,
             )
+            self._pusher = pusher
             try:
                 async with asyncio.TaskGroup() as tg:
                     t_writer = tg.create_task(writer.run(), name="spool-writer")
@@ -160,18 +164,22 @@ class App:
                     t_source = tg.create_task(source.run(), name="mqtt-source")
                     t_stats = tg.create_task(self._stats_loop(writer, ingest), name="stats")
                     await self._stop.wait()
-                    log.info("shutting down")
-                    # 1. stop taking messages; commit and ack what arrived
+                    log.info("shutting down", extra={"grace_secs": s.shutdown_grace_secs})
+                    deadline = time.monotonic() + s.shutdown_grace_secs
+                    # 1. stop taking messages; commit and ack what arrived (bounded: a full
+                    #    spool leaves them unacknowledged, with the broker)
                     source.pause()
                     ingest.stop()
-                    await t_ingest
+                    await asyncio.wait({t_ingest}, timeout=max(1.0, s.shutdown_grace_secs))
+                    t_ingest.cancel()
                     await source.stop()
                     t_source.cancel()
-                    # 2. close open batches into the queue
+                    # 2. close open batches into the queue; 3. let queued and in-flight
+                    #    pushes finish. Both within the grace period: with the cloud down the
+                    #    queue never drains, and every reading is in the spool anyway.
                     feeder.stop()
-                    await t_feeder
-                    # 3. let queued and in-flight pushes finish within the grace period
-                    deadline = time.monotonic() + s.shutdown_grace_secs
+                    await asyncio.wait({t_feeder}, timeout=max(0.0, deadline - time.monotonic()))
+                    t_feeder.cancel()
                     while not pusher.idle and time.monotonic() < deadline:  # noqa: ASYNC110
                         await asyncio.sleep(0.05)  # polling a condition of several stages
                     if not pusher.idle:
@@ -209,7 +217,7 @@ class App:
                 )
                 if stats.used_bytes >= self.settings.spool.max_bytes:
                     m.spool_full.set(1)
-                    self.health.set("spool", "spool full: spool.max_bytes reached")
+                    self.health.set("spool", SPOOL_FULL)
                 elif writer.full_reason is None and "spool" in self.health.problems:
                     self.health.set("spool", None)
                     m.spool_full.set(0)

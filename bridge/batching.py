@@ -67,7 +67,7 @@ class Batcher:
         window_secs: recordTime window of a partition.
         linger_secs: how long an open batch waits after its first reading.
         max_pending: readings held in open batches before the oldest batches are closed early.
-        clock: monotonic seconds (injected for tests).
+        clock: wall-clock seconds, the scale of ``Reading.received_at`` (injected for tests).
     """
 
     def __init__(
@@ -95,7 +95,9 @@ class Batcher:
         key = BatchKey(reading.device_type, reading.record_ts // self.window_secs)
         batch = self._open.get(key)
         if batch is None:
-            batch = self._open[key] = _Open(key, self._clock())
+            # Linger counts from the first reading's arrival, not from when it reached the
+            # batcher: a backlog read back from the spool goes out at once.
+            batch = self._open[key] = _Open(key, min(self._clock(), reading.received_at))
         device_id = None if reading.device_type in _NO_DEVICE_ID else reading.device_id
         ekey = (device_id, reading.record_time)
         entry = batch.entries.get(ekey)

@@ -46,6 +46,9 @@ class Feeder:
         self._chunk = fetch_chunk
         self._cursor = 0  # highest row id taken into memory (hand-over or page)
         self._behind = True  # start by paging: the spool may hold readings from a last run
+        # Readings left by an earlier run are a backlog: once they are all read back, their
+        # last partial batches go out at once instead of lingering.
+        self._leftover_until: int | None = writer.last_id
         self._inbox: list[SpooledReading] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -87,6 +90,10 @@ class Feeder:
                 else:
                     # Nothing after the cursor: every id up to ``known`` is gone (delivered).
                     self._cursor = max(self._cursor, known)
+                if self._leftover_until is not None and self._cursor >= self._leftover_until:
+                    self._leftover_until = None
+                    for batch in batcher.flush():
+                        await self._queue.put(batch)
                 if self._cursor >= self._writer.last_id:
                     self._behind = False
                 continue
@@ -96,7 +103,7 @@ class Feeder:
             self._wake.clear()
             if self._inbox or (self._behind and not self._queue.full()):
                 continue
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
             if self._behind:
                 # Waiting for queue room: poll, since asyncio.Queue has no "space" event.
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)

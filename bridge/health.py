@@ -16,7 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.telemetry import Metrics
 
-__all__ = ["Health", "HealthServer"]
+__all__ = ["SPOOL_FULL", "Health", "HealthServer"]
+
+SPOOL_FULL = "spool full: MQTT messages are not acknowledged until there is room again"
+"""The readiness reason while the spool refuses new readings (one stable text, so the
+transition is logged once; the numbers go to the log line and the metrics)."""
 
 log = logging.getLogger("bridge.health")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from bridge.errors import MappingError, SpoolError, SpoolFullError
 from bridge.feeder import Feeder
-from bridge.health import Health
+from bridge.health import SPOOL_FULL, Health
 from bridge.logs import Throttled
 from bridge.mapping import Mapper
 from bridge.models import Inbound, Reading
@@ -87,6 +87,7 @@ class Ingest:
         self._paused = False
         self._stopping = False
         self._reject_log = Throttled(log)
+        self._full_log = Throttled(log)
         self._received: dict[str, Any] = {}
 
     def silent_devices(self, silent_after: float, now: float) -> int:
@@ -153,14 +154,20 @@ class Ingest:
             try:
                 rows = await self._writer.put(readings, rejects)
             except SpoolFullError as exc:
-                self._health.set("spool", f"spool full: {exc}")
+                self._full_log.log(
+                    "full", logging.WARNING, "spool full, holding messages", {"detail": str(exc)}
+                )
+                self._health.set("spool", SPOOL_FULL)
                 self._metrics.spool_full.set(1)
                 if self._stopping:
                     return  # unacked: the broker keeps them
                 await asyncio.sleep(1.0)
                 continue
             except SpoolError as exc:
-                self._health.set("spool", f"spool write failed: {exc}")
+                self._full_log.log(
+                    "error", logging.ERROR, "spool write failed, retrying", {"detail": str(exc)}
+                )
+                self._health.set("spool", "spool write failed (see the log)")
                 if self._stopping:
                     return
                 await asyncio.sleep(1.0)

@@ -119,16 +119,21 @@ class MqttSource:
         return self._connected.is_set()
 
     def ack(self, tokens: Sequence[AckToken]) -> int:
-        """Acknowledge committed messages, in the order received; returns how many were sent."""
-        if not self._connected.is_set():
-            return 0
-        generation = self._generation
+        """Acknowledge committed messages, in the order received; returns how many were sent.
+
+        Messages whose connection is gone cannot be acknowledged: the broker will send them
+        again, and they will be stored twice. They are counted as redelivered readings.
+        """
         sent = 0
-        client = self._client
-        for gen, mid in tokens:
-            if gen == generation:
-                client.ack(mid, 1)
-                sent += 1
+        if self._connected.is_set():
+            generation = self._generation
+            client = self._client
+            for gen, mid in tokens:
+                if gen == generation:
+                    client.ack(mid, 1)
+                    sent += 1
+        if sent < len(tokens):
+            self._metrics.readings_redelivered.inc(len(tokens) - sent)
         return sent
 
     def pause(self) -> None:

@@ -50,7 +50,7 @@ def _item(
         record_ts=ts,
         record_time=_record_time(ts),
         data={"P": "6.62"} if data is None else data,
-        received_at=float(rid) if received_at is None else received_at,
+        received_at=START + rid if received_at is None else received_at,
     )
     return SpooledReading(rid, reading)
 
@@ -672,3 +672,13 @@ def test_batching_property_every_row_in_exactly_one_entry(
             for rid in group:
                 expected.update(by_rid[rid].data)
             assert expected == device["data"]
+
+
+def test_batching_backlog_read_back_from_the_spool_is_due_at_once() -> None:
+    """Test that linger counts from a reading's arrival, so an old backlog does not wait."""
+    clock = FakeClock()
+    batcher = _batcher(clock, linger_secs=60.0)
+    batcher.add(_item(1, "m1", received_at=START - 3600))  # received an hour ago
+
+    expected = [[1]]
+    assert expected == [b.rids for b in batcher.due()]

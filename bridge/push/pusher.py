@@ -12,6 +12,7 @@ Per batch: flag its rows as sent, then attempt until the cloud gives a final ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -70,16 +71,31 @@ class AdaptiveLimit:
 
 
 class _Pause:
-    """A pause every worker honours before sending (credentials/config failures)."""
+    """A pause every worker honours before sending (credentials/config failures).
+
+    :meth:`clear` ends it at once for every waiting worker (credentials reloaded, or a
+    request succeeded).
+    """
 
     def __init__(self) -> None:
         self.until = 0.0
         self.strikes = 0
+        self._cleared = asyncio.Event()
+
+    def extend(self, delay: float) -> None:
+        self.until = max(self.until, time.monotonic() + delay)
+        self._cleared.clear()
+
+    def clear(self) -> None:
+        self.until = 0.0
+        self.strikes = 0
+        self._cleared.set()
 
     async def wait(self) -> None:
         delay = self.until - time.monotonic()
         if delay > 0:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cleared.wait(), delay)
 
 
 class Pusher:
@@ -125,6 +141,10 @@ class Pusher:
         self._pause = _Pause()
         self._busy = 0
         self._failures_log = Throttled(log)
+
+    def resume_now(self) -> None:
+        """End a credentials/config pause at once (after SIGHUP reloaded the credentials)."""
+        self._pause.clear()
 
     @property
     def idle(self) -> bool:
@@ -192,7 +212,7 @@ class Pusher:
                     cap=max(60.0, self._retry_max),
                     rng=self._rng,
                 )
-                self._pause.until = max(self._pause.until, time.monotonic() + delay)
+                self._pause.extend(delay)
                 if outcome is Outcome.CREDENTIALS:
                     self._on_credentials_problem()
                 continue
@@ -208,7 +228,8 @@ class Pusher:
 
     async def _succeeded(self, batch: Batch) -> None:
         self.limit.on_success()
-        self._pause.strikes = 0
+        if self._pause.strikes:
+            self._pause.clear()
         if "cloud" in self._health.problems:
             # Recovered: the next failure of any kind deserves a line at once.
             self._failures_log.reset()
@@ -252,9 +273,12 @@ class Pusher:
                 await self._attempt_until_final(_slice(batch, start, stop, self._max_bytes))
 
     def _note_failure(self, outcome: Outcome, result: PushResult, batch: Batch) -> None:
-        problem = f"{result.code or result.status}: {result.message}"[:300]
         if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
-            self._health.set("cloud", f"{outcome.value}: {problem}")
+            # A stable reason (the code, not the message, which may quote a per-request
+            # hash), so the transition is logged once; the details go to the failure log.
+            self._health.set(
+                "cloud", f"cloud refuses our {outcome.value}: {result.code or result.status}"
+            )
         # One log line per distinct problem per minute, not one per request.
         self._failures_log.log(
             f"{outcome.value}|{result.code}|{result.status}",
