@@ -31,7 +31,7 @@ from bridge.credentials import CredentialsProvider
 from bridge.feeder import Feeder
 from bridge.health import SPOOL_FULL, Health, HealthServer
 from bridge.ingest import Ingest
-from bridge.mapping import Mapper
+from bridge.mapping import REASONS, Mapper
 from bridge.models import Batch
 from bridge.mqtt_source import MqttSource
 from bridge.push.client import PushClient
@@ -89,6 +89,7 @@ class App:
         self.metrics.spool_max_bytes.set(s.spool.max_bytes)
         writer = SpoolWriter(spool, self.metrics)
         mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
+        self.metrics.precreate(routes=[r.topic for r in s.routes], reasons=REASONS)
         queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * s.cloud.max_in_flight))
         batcher = Batcher(
             max_devices=s.batch.max_devices,

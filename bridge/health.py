@@ -40,6 +40,7 @@ class Health:
         if problem == before:
             return
         was_ready = self.ready
+        self._metrics.not_ready.labels(condition).set(0 if problem is None else 1)
         if problem is None:
             del self.problems[condition]
             log.info("condition cleared", extra={"condition": condition, "was": before})

@@ -1,15 +1,25 @@
 """Every Prometheus metric of energy-bridge, defined once.
 
-Names follow ``bridge_<noun>_<unit>[_total]``; labels are low-cardinality (route index, reason
-code, outcome, error code). Counters reconcile:
+Names follow ``bridge_<noun>_<unit>[_total]``; labels are low-cardinality (route template,
+reason code, outcome, error code, readiness condition). Labelled series that are known up front
+are created at zero, so dashboards show 0 rather than "no data" and alerts see the first
+increase. Counters reconcile:
 
-* ``received = accepted + rejected`` (messages -> readings or a reject), and
-* ``accepted = delivered + dead-lettered + still spooled`` (readings).
+* ``messages received = messages accepted + messages rejected``, and
+* ``readings accepted = delivered + dead-lettered + still spooled``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from bridge import __version__
 
@@ -26,6 +36,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu, open fds, start time
+        PlatformCollector(registry=r)
         self.build_info = Info("bridge_build", "energy-bridge build information", registry=r)
         self.build_info.info({"version": __version__})
 
@@ -146,6 +158,12 @@ class Metrics:
         )
         # Health
         self.ready = Gauge("bridge_ready", "1 while /readyz answers 200", registry=r)
+        self.not_ready = Gauge(
+            "bridge_not_ready",
+            "1 while a readiness condition (mqtt, spool, cloud) reports a problem",
+            ["condition"],
+            registry=r,
+        )
         self.devices_silent = Gauge(
             "bridge_devices_silent",
             "Devices seen before that sent nothing for more than the silence threshold",
@@ -154,3 +172,12 @@ class Metrics:
         self.devices_seen = Gauge(
             "bridge_devices_seen", "Distinct devices seen since start", registry=r
         )
+
+    def precreate(self, *, routes: list[str], reasons: tuple[str, ...]) -> None:
+        """Create the labelled series known at start at zero."""
+        for route in [*routes, "none"]:
+            self.messages_received.labels(route)
+        for reason in reasons:
+            self.messages_rejected.labels(reason)
+        for condition in ("mqtt", "spool", "cloud"):
+            self.not_ready.labels(condition).set(0)

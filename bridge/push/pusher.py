@@ -168,6 +168,8 @@ class Pusher:
                 self._queue.task_done()
 
     async def _deliver(self, batch: Batch) -> None:
+        self._metrics.batch_devices.observe(batch.size)
+        self._metrics.batch_bytes.observe(len(batch.body))
         already = await self._writer.mark_sent(batch.rids)
         if already:
             self._metrics.readings_redelivered.inc(already)
@@ -180,15 +182,15 @@ class Pusher:
             attempt += 1
             if attempt > 1:
                 self._metrics.push_retries.inc()
-            self._metrics.batch_devices.observe(batch.size)
-            self._metrics.batch_bytes.observe(len(batch.body))
             async with self.limit:
                 result = await self._send(batch.body)
             outcome = classify(result.status, result.code, success_body=result.success)
             self._metrics.push_requests.labels(
                 outcome.value, result.code or str(result.status)
             ).inc()
-            if result.status:
+            if result.status or result.code == "Timeout":
+                # Timeouts count: leaving them out would flatter the latency when the cloud is
+                # at its slowest.
                 self._metrics.push_latency.observe(result.elapsed)
             if outcome is Outcome.SUCCESS:
                 await self._succeeded(batch)
