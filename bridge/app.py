@@ -163,7 +163,7 @@ class App:
                     t_feeder = tg.create_task(feeder.run(), name="feeder")
                     t_pusher = tg.create_task(pusher.run(), name="pusher")
                     t_source = tg.create_task(source.run(), name="mqtt-source")
-                    t_stats = tg.create_task(self._stats_loop(writer, ingest), name="stats")
+                    t_stats = tg.create_task(self._stats_loop(writer, ingest, feeder), name="stats")
                     await self._stop.wait()
                     log.info("shutting down", extra={"grace_secs": s.shutdown_grace_secs})
                     deadline = time.monotonic() + s.shutdown_grace_secs
@@ -195,7 +195,7 @@ class App:
                 await asyncio.to_thread(writer.shutdown)
         log.info("energy-bridge stopped")
 
-    async def _stats_loop(self, writer: SpoolWriter, ingest: Ingest) -> None:
+    async def _stats_loop(self, writer: SpoolWriter, ingest: Ingest, feeder: Feeder) -> None:
         m = self.metrics
         silent_after = self.settings.metrics.device_silent_after_secs
         while True:
@@ -208,6 +208,9 @@ class App:
             except Exception:
                 log.exception("spool stats failed")
             else:
+                if stats.last_id > writer.last_id:
+                    writer.last_id = stats.last_id
+                    feeder.notice_rows(stats.last_id)
                 m.spool_readings.set(stats.readings)
                 m.spool_bytes.set(stats.used_bytes)
                 m.dead_letters.set(stats.dead_letters)

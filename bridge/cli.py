@@ -101,6 +101,7 @@ _DELEGATED = (
     ("cloud-stub", "bridge.cloud_stub", "run a local stand-in for the push API"),
     ("simulate", "bridge.simulate", "publish simulated three-phase meter readings"),
     ("demo", "bridge.demo", "run mosquitto, the stub, the simulator and the bridge together"),
+    ("dlq", "bridge.dlq", "list, show, replay or purge dead letters"),
 )
 
 

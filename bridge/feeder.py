@@ -69,6 +69,12 @@ class Feeder:
             self._cursor = rows[-1].rid
         self._wake.set()
 
+    def notice_rows(self, last_id: int) -> None:
+        """Rows up to ``last_id`` exist in the spool (some maybe written by another process)."""
+        if last_id > self._cursor and not self._behind and not self._inbox:
+            self._behind = True
+            self._wake.set()
+
     def stop(self) -> None:
         """Stop reading; :meth:`run` flushes open batches and returns."""
         self._stopping = True

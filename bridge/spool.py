@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,22 @@ class SpoolStats:
     used_bytes: int
     oldest_received_at: float | None
     dead_letters: int
+    last_id: int
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise SpoolError(f"spool write failed: {exc}") from exc
 
 
 def _check_version(conn: sqlite3.Connection, path: Path) -> None:
@@ -220,11 +236,17 @@ class Spool:
                 f"{self.max_bytes}"
             )
         conn = self._conn
-        first = self._last_id + 1
+        first = 0
         already_sent = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # Read under the write lock: another process (`energy-bridge dlq replay`)
+                # may have added rows since our last commit.
+                row = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
+                ).fetchone()
+                first = (int(row[0]) if row else 0) + 1
                 if readings:
                     conn.executemany(
                         "INSERT INTO readings (id, device_type, device_id, record_ts, record_time,"
@@ -288,8 +310,7 @@ class Spool:
             raise SpoolError(f"spool {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise SpoolError(f"spool {self.path}: {exc}") from exc
-        if readings:
-            self._last_id = first + len(readings) - 1
+        self._last_id = max(self._last_id, first - 1 + len(readings))
         self._count += len(readings) - deleted
         self._dead_count += len(rejects) + len(dead)
         return list(range(first, first + len(readings))), already_sent
@@ -330,7 +351,66 @@ class Spool:
         # Row ids follow arrival, so the lowest id is (nearly) the oldest: an index seek,
         # where min(received_at) would scan the table.
         row = self._conn.execute("SELECT received_at FROM readings ORDER BY id LIMIT 1").fetchone()
-        return SpoolStats(self._count, self.used_bytes(), row[0] if row else None, self._dead_count)
+        # Another process (`energy-bridge dlq replay`) may have added rows.
+        seq = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
+        ).fetchone()
+        seq_id = int(seq[0]) if seq else 0
+        if seq_id > self._last_id:
+            self._last_id = seq_id
+            self._count = int(self._conn.execute("SELECT count(*) FROM readings").fetchone()[0])
+            self._dead_count = int(
+                self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+            )
+        return SpoolStats(
+            self._count, self.used_bytes(), row[0] if row else None, self._dead_count, self._last_id
+        )
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The SQLite connection, for read-only tooling (``energy-bridge dlq``)."""
+        return self._conn
+
+    def purge_dead_letters(self, ids: Sequence[int]) -> None:
+        """Delete dead letters by id, in one transaction."""
+        with _transaction(self._conn):
+            self._conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
+        self._dead_count = max(0, self._dead_count - len(ids))
+
+    def replay_dead_letters(self, moves: Sequence[tuple[int, Sequence[Reading]]]) -> None:
+        """Put readings back into the spool and delete their dead letters, atomically.
+
+        Cloud dead letters keep ``recordTime`` but not ``record_ts``: replayed with 0, they
+        share one batching partition, and each entry is still sent with its own recordTime.
+        """
+        with _transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
+            ).fetchone()
+            next_id = (int(row[0]) if row else 0) + 1
+            values = []
+            for _, readings in moves:
+                for r in readings:
+                    values.append(
+                        (
+                            next_id,
+                            r.device_type,
+                            r.device_id,
+                            r.record_ts,
+                            r.record_time,
+                            orjson.dumps(r.data),
+                            r.received_at,
+                        )
+                    )
+                    next_id += 1
+            self._conn.executemany(
+                "INSERT INTO readings (id, device_type, device_id, record_ts, record_time, data,"
+                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            self._conn.executemany(
+                "DELETE FROM dead_letters WHERE id = ?", [(dead_id,) for dead_id, _ in moves]
+            )
 
     def dead_letters(
         self, *, reason: str | None = None, limit: int = 100
