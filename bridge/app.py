@@ -120,6 +120,10 @@ class App:
             high_water=max(2 * s.mqtt.receive_maximum, 20_000),
             max_tracked_devices=s.metrics.max_tracked_devices,
         )
+        if s.mqtt.tls.enabled and s.mqtt.tls.insecure:
+            log.warning("INSECURE: mqtt.tls.insecure is on, the broker is not verified")
+        if not s.cloud.verify_tls:
+            log.warning("INSECURE: cloud.verify_tls is off, the cloud endpoint is not verified")
         server = HealthServer(
             host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
         )
