@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 __all__ = ["Batch", "BatchKey", "Inbound", "Reading", "SpooledReading"]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Inbound:
     """One MQTT message as the bridge sees it, after it left paho.
+
+    Not frozen on purpose: one is made per message, and a frozen dataclass pays for
+    ``object.__setattr__`` on every field.
 
     Attributes:
         topic: the topic as raw bytes (topics need not be valid UTF-8 on the wire).
