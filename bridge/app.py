@@ -85,6 +85,7 @@ class App:
             s.spool.path,
             max_bytes=s.spool.max_bytes,
             synchronous=s.spool.synchronous.value,
+            dead_letter_max_bytes=s.spool.dead_letter_max_bytes,
         )
         self.metrics.spool_max_bytes.set(s.spool.max_bytes)
         writer = SpoolWriter(spool, self.metrics)
@@ -223,7 +224,7 @@ class App:
                     if stats.oldest_received_at is None
                     else max(0.0, time.time() - stats.oldest_received_at)
                 )
-                if stats.used_bytes >= self.settings.spool.max_bytes:
+                if stats.full:
                     m.spool_full.set(1)
                     self.health.set("spool", SPOOL_FULL)
                 elif writer.full_reason is None and "spool" in self.health.problems:

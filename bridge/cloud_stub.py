@@ -395,8 +395,8 @@ class CloudStub:
     async def _handle_push(self, request: web.Request) -> web.Response:
         self._requests += 1
         faults = self._faults
-        if faults.latency_ms > 0:
-            await asyncio.sleep(faults.latency_ms / 1000)
+        # Like the real service, the request is read and processed first and the answer is
+        # what comes late: a client that gives up waiting may find its data stored anyway.
         body = await request.read()
         now = self._clock()
         self._last_request_time = now
@@ -405,8 +405,12 @@ class CloudStub:
         except _Reject as reject:
             self._rejected[reject.code] += 1
             log.debug("cloud-stub rejected a push: %s", reject)
-            return self._error_response(request, reject)
-        return _json_response(200, {"requestId": _request_id(), "data": answer})
+            response = self._error_response(request, reject)
+        else:
+            response = _json_response(200, {"requestId": _request_id(), "data": answer})
+        if faults.latency_ms > 0:
+            await asyncio.sleep(faults.latency_ms / 1000)
+        return response
 
     def _process(self, request: web.Request, body: bytes, faults: Faults, now: float) -> str:
         """Run every check, store the entries on success and return the ``data`` answer."""

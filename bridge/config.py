@@ -29,7 +29,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from bridge.errors import ConfigError
 
@@ -280,6 +285,9 @@ class SpoolSettings(_Section):
     """Spool database file."""
     max_bytes: int = Field(default=1024**3, ge=64 * 1024)
     """Stop acknowledging MQTT messages once the spool holds this much."""
+    dead_letter_max_bytes: int | None = Field(default=None, ge=64 * 1024)
+    """Budget of the dead-letter store, apart from ``max_bytes``; past it the oldest dead
+    letters are dropped (counted). Default: a tenth of ``max_bytes``."""
     synchronous: SyncMode = SyncMode.FULL
     """``full`` or ``normal``."""
     commit_max_rows: int = Field(default=5000, ge=1)
@@ -447,6 +455,14 @@ def load_settings(path: Path | None = None) -> Settings:
         data = loaded
     try:
         return Settings(**data)
+    except SettingsError as exc:
+        # An ENERGY_BRIDGE_* variable holding malformed JSON (for a list or a section).
+        match = re.search(r'field "([^"]+)"', str(exc))
+        field = match.group(1) if match else ""
+        raise ConfigError(
+            field,
+            f"the environment variable ENERGY_BRIDGE_{field.upper()} is not valid JSON",
+        ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         key = _format_loc(tuple(first["loc"]))

@@ -33,6 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttProtocol, MqttSettings
 from bridge.health import Health
+from bridge.logs import Throttled
 from bridge.models import Inbound
 from bridge.telemetry import Metrics
 
@@ -109,6 +110,7 @@ class MqttSource:
         self._paused = False
         self._stopping = False
         self._connects = 0
+        self._reconnect_log = Throttled(log)
         health.set("mqtt", "not connected yet")
 
     # -- public -----------------------------------------------------------------------------
@@ -175,9 +177,11 @@ class MqttSource:
                         self._settings.reconnect_min_secs * 2 ** min(attempt - 1, 20),
                     ),
                 )
-                log.warning(
+                self._reconnect_log.log(
+                    problem,
+                    logging.WARNING,
                     "mqtt disconnected, reconnecting",
-                    extra={"broker": self._where, "reason": problem, "delay_secs": round(delay, 2)},
+                    {"broker": self._where, "reason": problem, "delay_secs": round(delay, 2)},
                 )
                 await asyncio.sleep(delay)
         finally:

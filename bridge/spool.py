@@ -87,6 +87,7 @@ class SpoolStats:
     oldest_received_at: float | None
     dead_letters: int
     last_id: int
+    full: bool
 
 
 @contextlib.contextmanager
@@ -102,6 +103,14 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             raise
     except sqlite3.Error as exc:
         raise SpoolError(f"spool write failed: {exc}") from exc
+
+
+# What a dead letter costs, in bytes (its variable-size columns plus a row overhead).
+_DEAD_OVERHEAD = 64
+_DEAD_SIZE = (
+    f"{_DEAD_OVERHEAD} + length(coalesce(payload, '')) + length(coalesce(topic, ''))"
+    " + length(detail) + length(coalesce(data, ''))"
+)
 
 
 def _check_version(conn: sqlite3.Connection, path: Path) -> None:
@@ -131,10 +140,24 @@ def _topic_text(topic: bytes) -> str:
 class Spool:
     """SQLite-backed store of undelivered readings and dead letters (single-threaded use)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        max_bytes: int,
+        dead_letter_max_bytes: int | None = None,
+    ) -> None:
         self._conn = conn
         self.path = path
         self.max_bytes = max_bytes
+        self.dead_letter_max_bytes = (
+            dead_letter_max_bytes if dead_letter_max_bytes is not None else max_bytes // 10
+        )
+        # Dead letters have their own budget, so garbage can never fill the spool and hold
+        # back valid readings; past it the oldest dead letters give way (and are counted).
+        total_dead = f"SELECT coalesce(sum({_DEAD_SIZE}), 0) FROM dead_letters"  # noqa: S608
+        self._dead_bytes = int(conn.execute(total_dead).fetchone()[0])
+        self.dead_letters_evicted = 0
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
         self._last_id = int(row[0]) if row else 0
@@ -143,7 +166,14 @@ class Spool:
         self._dead_count = int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
 
     @classmethod
-    def open(cls, path: Path, *, max_bytes: int, synchronous: str = "full") -> Spool:
+    def open(
+        cls,
+        path: Path,
+        *,
+        max_bytes: int,
+        synchronous: str = "full",
+        dead_letter_max_bytes: int | None = None,
+    ) -> Spool:
         """Open (and create or migrate) the spool at ``path``.
 
         Raises:
@@ -166,7 +196,7 @@ class Spool:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-            return cls(conn, path, max_bytes)
+            return cls(conn, path, max_bytes, dead_letter_max_bytes)
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
@@ -197,8 +227,8 @@ class Spool:
         return int(pages - free) * self._page_size
 
     def is_full(self) -> bool:
-        """Whether the spool has reached ``max_bytes``."""
-        return self.used_bytes() >= self.max_bytes
+        """Whether the readings (dead letters not counted) have reached ``max_bytes``."""
+        return self.used_bytes() - self._dead_bytes >= self.max_bytes
 
     # -- the one write transaction ----------------------------------------------------------
 
@@ -230,7 +260,7 @@ class Spool:
                 size; the next one is refused.
             SpoolError: any other database failure; nothing was written.
         """
-        if (readings or rejects) and self.is_full():
+        if readings and self.is_full():
             raise SpoolFullError(
                 f"spool {self.path} holds {self.used_bytes()} bytes, spool.max_bytes is "
                 f"{self.max_bytes}"
@@ -297,6 +327,10 @@ class Spool:
                     deleted = cur.rowcount
                 if mark_sent:
                     already_sent = self._mark_sent(mark_sent)
+                added_dead = sum(
+                    _DEAD_OVERHEAD + len(j.payload) + len(j.topic) + len(j.detail) for j in rejects
+                ) + sum(_DEAD_OVERHEAD + 256 + len(d.detail) for d in dead)
+                evicted, freed = self._evict_dead_letters(added_dead)
                 conn.execute("COMMIT")
             except BaseException:
                 # SQLite may already have rolled back (e.g. on SQLITE_FULL); a second
@@ -312,8 +346,27 @@ class Spool:
             raise SpoolError(f"spool {self.path}: {exc}") from exc
         self._last_id = max(self._last_id, first - 1 + len(readings))
         self._count += len(readings) - deleted
-        self._dead_count += len(rejects) + len(dead)
+        self._dead_count += len(rejects) + len(dead) - evicted
+        self._dead_bytes += added_dead - freed
+        self.dead_letters_evicted += evicted
         return list(range(first, first + len(readings))), already_sent
+
+    def _evict_dead_letters(self, incoming: int) -> tuple[int, int]:
+        """Delete the oldest dead letters so ``incoming`` more bytes fit the budget."""
+        excess = self._dead_bytes + incoming - self.dead_letter_max_bytes
+        if excess <= 0:
+            return 0, 0
+        victims: list[int] = []
+        freed = 0
+        for dead_id, size in self._conn.execute(
+            f"SELECT id, {_DEAD_SIZE} FROM dead_letters ORDER BY id LIMIT 10000"  # noqa: S608
+        ):
+            if freed >= excess:
+                break
+            victims.append(dead_id)
+            freed += int(size)
+        self._conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in victims])
+        return len(victims), freed
 
     def _mark_sent(self, rids: Sequence[int]) -> int:
         conn = self._conn
@@ -362,8 +415,14 @@ class Spool:
             self._dead_count = int(
                 self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             )
+        used = self.used_bytes()
         return SpoolStats(
-            self._count, self.used_bytes(), row[0] if row else None, self._dead_count, self._last_id
+            self._count,
+            used,
+            row[0] if row else None,
+            self._dead_count,
+            self._last_id,
+            used - self._dead_bytes >= self.max_bytes,
         )
 
     @property

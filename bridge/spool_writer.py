@@ -66,6 +66,7 @@ class SpoolWriter:
         self._closed = False
         self.last_id = spool.last_id
         self.full_reason: str | None = None
+        self._evicted_reported = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -128,6 +129,13 @@ class SpoolWriter:
             result = await loop.run_in_executor(self._executor, self._commit, work)
             self._metrics.spool_commit_latency.observe(time.perf_counter() - started)
             self._settle(work, result)
+            evicted = self.spool.dead_letters_evicted - self._evicted_reported
+            if evicted:
+                self._evicted_reported += evicted
+                self._metrics.dead_letters_evicted.inc(evicted)
+                log.warning(
+                    "dead-letter store over budget: oldest dropped", extra={"dropped": evicted}
+                )
             if result.completion_error is not None:
                 # Keep the completions and try again shortly: rows stay until deleted.
                 self._work.delivered[:0] = work.delivered

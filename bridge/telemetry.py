@@ -138,6 +138,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.dead_letters_evicted = Counter(
+            "bridge_dead_letters_evicted_total",
+            "Oldest dead letters dropped to keep the dead-letter store within its budget",
+            registry=r,
+        )
         self.dead_letters = Gauge(
             "bridge_dead_letters", "Entries in the dead-letter store", registry=r
         )

@@ -333,7 +333,7 @@ def test_spool_commit_is_all_or_nothing(spool: Spool) -> None:
 
 
 def test_spool_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
-    """Test that a full spool raises SpoolFullError and stores neither readings nor rejects."""
+    """Test that a full spool refuses readings (with their rejects) and stores nothing."""
     path = tmp_path / "full.db"
     spool = Spool.open(path, max_bytes=SMALL)
     try:
@@ -342,8 +342,6 @@ def test_spool_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
 
         with pytest.raises(SpoolFullError):
             spool.commit([_reading(99)], [_reject()])
-        with pytest.raises(SpoolFullError):
-            spool.commit([], [_reject()])
 
         stats = spool.stats()
     finally:
@@ -353,6 +351,35 @@ def test_spool_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
     expected = (filled, 0, filled)
     assert expected == (stats.readings, stats.dead_letters, last_id)
     assert expected[:2] == (_count(path, "readings"), _count(path, "dead_letters"))
+
+
+def test_spool_full_of_readings_still_takes_dead_letters(tmp_path: Path) -> None:
+    """Test that dead letters have their own budget: a full spool still stores a reject."""
+    path = tmp_path / "full.db"
+    spool = Spool.open(path, max_bytes=SMALL)
+    try:
+        _fill(spool)
+        spool.commit([], [_reject()])
+        dead = spool.stats().dead_letters
+    finally:
+        spool.close()
+    assert 1 == dead
+
+
+def test_spool_dead_letters_past_their_budget_evict_the_oldest(tmp_path: Path) -> None:
+    """Test that garbage cannot fill the spool: the oldest dead letters give way, counted."""
+    spool = Spool.open(tmp_path / "dead.db", max_bytes=SMALL, dead_letter_max_bytes=100_000)
+    try:
+        for n in range(40):
+            spool.commit([], [Reject(b"t", b"x" * 10_000, "bad_json", f"junk {n}", 1.0)])
+        kept = spool.dead_letters(limit=100)
+        spool.commit([_reading(1)], [])  # readings are not held back by the garbage
+        evicted = spool.dead_letters_evicted
+    finally:
+        spool.close()
+    assert 30 <= evicted < 40
+    assert "junk 39" == kept[0]["detail"]
+    assert len(kept) == 40 - evicted
 
 
 def test_spool_full_spool_still_takes_completions(tmp_path: Path) -> None:
