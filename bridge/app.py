@@ -97,7 +97,12 @@ class App:
             max_bytes=s.batch.max_bytes,
             window_secs=s.batch.window_secs,
             linger_secs=s.batch.linger_secs,
-            max_pending=max(10_000, 4 * s.batch.max_devices * s.cloud.max_in_flight),
+            # Enough to fill every request in flight twice over and to take two group commits
+            # in memory (else live readings are read back from the spool); more costs memory.
+            max_pending=max(
+                2 * s.batch.max_devices * s.cloud.max_in_flight,
+                2 * min(s.spool.commit_max_rows, s.mqtt.receive_maximum),
+            ),
             clock=time.time,
         )
         feeder = Feeder(writer=writer, batcher=batcher, queue=queue)

@@ -50,6 +50,7 @@ class Feeder:
         # last partial batches go out at once instead of lingering.
         self._leftover_until: int | None = writer.last_id
         self._inbox: list[SpooledReading] = []
+        self._fetching = False  # a page read is under way: hand-overs would overlap it
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -58,15 +59,17 @@ class Feeder:
         if not rows:
             return
         if (
-            self._behind
-            or rows[0].rid != self._cursor + 1
-            or self._batcher.pending + len(self._inbox) + len(rows) > self._batcher.max_pending
-            or self._queue.full()
+            not self._fetching
+            and rows[0].rid == self._cursor + 1
+            and self._batcher.pending + len(self._inbox) + len(rows) <= self._batcher.max_pending
+            and not self._queue.full()
         ):
-            self._behind = True
-        else:
+            # Contiguous with what is in memory: take it, even right after paging caught up.
             self._inbox.extend(rows)
             self._cursor = rows[-1].rid
+            self._behind = False
+        else:
+            self._behind = True
         self._wake.set()
 
     def notice_rows(self, last_id: int) -> None:
@@ -89,7 +92,11 @@ class Feeder:
                 await self._add(rows)
             elif self._behind and not self._queue.full():
                 known = self._writer.last_id
-                rows = await self._writer.fetch_after(self._cursor, self._chunk)
+                self._fetching = True
+                try:
+                    rows = await self._writer.fetch_after(self._cursor, self._chunk)
+                finally:
+                    self._fetching = False
                 if rows:
                     self._cursor = rows[-1].rid
                     await self._add(rows)

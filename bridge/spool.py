@@ -278,10 +278,12 @@ class Spool:
                 ).fetchone()
                 first = (int(row[0]) if row else 0) + 1
                 if readings:
+                    # A generator, not a list: orjson's bytes keep a 4 KiB block each, and
+                    # thousands of them at once would be a needless peak.
                     conn.executemany(
                         "INSERT INTO readings (id, device_type, device_id, record_ts, record_time,"
                         " data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [
+                        (
                             (
                                 first + i,
                                 r.device_type,
@@ -292,7 +294,7 @@ class Spool:
                                 r.received_at,
                             )
                             for i, r in enumerate(readings)
-                        ],
+                        ),
                     )
                 if rejects:
                     conn.executemany(

@@ -170,10 +170,14 @@ class Pusher:
     async def _deliver(self, batch: Batch) -> None:
         self._metrics.batch_devices.observe(batch.size)
         self._metrics.batch_bytes.observe(len(batch.body))
-        already = await self._writer.mark_sent(batch.rids)
-        if already:
-            self._metrics.readings_redelivered.inc(already)
+        # Not awaited: the flag rides the next spool transaction, and the worker goes on to
+        # send. (A crash before that commit only makes a later resend go uncounted.)
+        self._writer.mark_sent(batch.rids).add_done_callback(self._count_redelivered)
         await self._attempt_until_final(batch)
+
+    def _count_redelivered(self, done: asyncio.Future[int]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result():
+            self._metrics.readings_redelivered.inc(done.result())
 
     async def _attempt_until_final(self, batch: Batch) -> None:
         attempt = 0
@@ -236,8 +240,11 @@ class Pusher:
             # Recovered: the next failure of any kind deserves a line at once.
             self._failures_log.reset()
             self._health.set("cloud", None)
-        await self._writer.complete(delivered=batch.rids)
-        self._metrics.readings_delivered.inc(len(batch.rids))
+        # Not awaited: the delete rides the next spool transaction (retried until it commits,
+        # and drained before shutdown), so the worker is free for the next batch at once.
+        rids = batch.rids
+        self._writer.complete(delivered=rids)
+        self._metrics.readings_delivered.inc(len(rids))
         now = time.time()
         observe = self._metrics.e2e_latency.observe
         for received in batch.received_ats:
