@@ -123,7 +123,10 @@ class App:
             metrics=self.metrics,
             health=self.health,
             commit_max=s.spool.commit_max_rows,
-            high_water=max(2 * s.mqtt.receive_maximum, 20_000),
+            # The broker should never send more than receive_maximum unacknowledged, but
+            # mosquitto 2.0 does when it resumes a session with a queued backlog (measured:
+            # 16,000 in flight at 4,096): stop reading the socket past this many.
+            high_water=max(1_000, 2 * s.mqtt.receive_maximum),
             max_tracked_devices=s.metrics.max_tracked_devices,
         )
         if s.mqtt.tls.enabled and s.mqtt.tls.insecure:

@@ -105,7 +105,7 @@ class MqttSettings(_Section):
     """MQTT keepalive interval."""
     session_expiry_secs: int = Field(default=7 * 24 * 3600, ge=0)
     """How long the broker keeps the session while the bridge is away (MQTT v5)."""
-    receive_maximum: int = Field(default=4096, ge=1, le=65535)
+    receive_maximum: int = Field(default=2048, ge=1, le=65535)
     """MQTT v5 Receive Maximum: QoS 1 messages the broker may have unacknowledged at once."""
     reconnect_min_secs: float = Field(default=0.5, gt=0)
     """First reconnect delay cap; the delay doubles up to ``reconnect_max_secs``, full jitter."""

@@ -177,6 +177,7 @@ class _ChildProcess:
         self.output_path = self.log_path
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._peak_rss_kb = 0
 
     @property
     def pid(self) -> int | None:
@@ -224,6 +225,7 @@ class _ChildProcess:
         return self._proc
 
     def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> int | None:
+        self._remember_peak_rss()
         proc = self._proc
         if proc is None:
             return None
@@ -244,6 +246,19 @@ class _ChildProcess:
                 ) from None
         self._close_log()
         return proc.returncode
+
+    def _remember_peak_rss(self) -> None:
+        if self.running and self.pid is not None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self._peak_rss_kb = max(self._peak_rss_kb, int(line.split()[1]))
+
+    @property
+    def peak_rss_mb(self) -> float:
+        """Peak resident set size (``VmHWM``) over every run of this process so far, MiB."""
+        self._remember_peak_rss()
+        return round(self._peak_rss_kb / 1024, 1)
 
     def kill(self) -> int | None:
         """SIGKILL the process (if running) and reap it; return its exit status."""

@@ -15,6 +15,7 @@ import json
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -42,6 +43,7 @@ from bridge.testing import (
 
 __all__ = [
     "LOOPBACK",
+    "START_TS",
     "BridgeFactory",
     "BridgeProcess",
     "Mosquitto",
@@ -53,8 +55,10 @@ __all__ = [
     "deep_merge",
     "free_port",
     "iter_telemetry",
+    "meter_ids",
     "parse_metrics",
     "port_accepts",
+    "seq_counts",
     "telemetry_payload",
     "telemetry_points",
     "wait_until",
@@ -298,6 +302,20 @@ class Subscriber:
 
 
 _TELEMETRY_POINTS: Final = ("Ua", "Ub", "Uc", "Ia", "Ib", "Ic", "P", "Q", "COSQ", "F", "Ep_imp")
+
+
+START_TS: Final = 1_700_000_000
+"""2023-11-14 22:13:20 UTC = recordTime ``2023-11-15 06:13:20`` in Asia/Shanghai."""
+
+
+def meter_ids(n: int) -> list[str]:
+    """``meter-0000`` .. ``meter-{n-1}``."""
+    return [f"meter-{i:04d}" for i in range(n)]
+
+
+def seq_counts(entries: Iterable[dict[str, Any]]) -> Counter[int]:
+    """How often each ``seq`` point appears in the cloud's entries (for loss/duplicate counts)."""
+    return Counter(int(e["data"]["seq"]) for e in entries if "seq" in e["data"])
 
 
 def telemetry_points(seq: int) -> dict[str, str]:

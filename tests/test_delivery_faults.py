@@ -16,7 +16,6 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    START_TS,
     BridgeFactory,
     BridgeProcess,
     Mosquitto,
@@ -31,6 +31,8 @@ from tests.harness import (
     Publisher,
     StubProcess,
     iter_telemetry,
+    meter_ids,
+    seq_counts,
     telemetry_payload,
     telemetry_points,
     wait_until,
@@ -38,31 +40,21 @@ from tests.harness import (
 
 pytestmark = pytest.mark.integration
 
-START_TS = 1_700_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Asia/Shanghai
-
 
 # ---------------------------------------------------------------------------------------------
 # accounting helpers
 
 
-def _meters(n: int) -> list[str]:
-    return [f"meter-{i:04d}" for i in range(n)]
-
-
-def _seqs(entries: Iterable[dict[str, Any]]) -> Counter[int]:
-    return Counter(int(e["data"]["seq"]) for e in entries if "seq" in e["data"])
-
-
 def _account(stub: StubProcess, published: int) -> tuple[list[int], int, int]:
     """Return (missing seqs, duplicate count, distinct seqs received) for seqs 0..published-1."""
-    counts = _seqs(stub.received())
+    counts = seq_counts(stub.received())
     missing = sorted(set(range(published)) - set(counts))
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
     return missing, duplicates, len(counts)
 
 
 def _distinct(stub: StubProcess) -> int:
-    return len(_seqs(stub.received()))
+    return len(seq_counts(stub.received()))
 
 
 def _delivered(stub: StubProcess) -> int:
@@ -157,7 +149,7 @@ def test_poisoned_entry_is_dead_lettered_and_the_rest_delivered(
     """Test that one entry the cloud refuses is dead-lettered and the 299 around it arrive."""
     stub.set_faults(poison_point="poison")
     bridge = bridge_factory(batch={"max_devices": 100})
-    meters = _meters(30)
+    meters = meter_ids(30)
     total = 300
     poisoned = 137  # the 18th meter's 5th reading, in the middle of the second batch
     items = list(iter_telemetry(meters, total // len(meters), START_TS))
@@ -186,6 +178,7 @@ def test_poisoned_entry_is_dead_lettered_and_the_rest_delivered(
         dead_lettered=int(dead),
         duplicates=duplicates,
         lost=len(set(missing) - {poisoned}),
+        peak_rss_mb=bridge.peak_rss_mb,
     )
     assert [poisoned] == missing
     assert 0 == duplicates
@@ -223,7 +216,7 @@ def test_full_spool_stops_acknowledging_and_catches_up(
     bridge = bridge_factory(spool={"max_bytes": max_bytes})
     total = 5_000
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(50), total // 50, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(50), total // 50, START_TS))
 
     wait_until(
         lambda: bridge.metric("bridge_spool_full") == 1, 30, message="bridge_spool_full == 1"
@@ -259,6 +252,7 @@ def test_full_spool_stops_acknowledging_and_catches_up(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
     )
     assert [] == missing
     assert 0 == duplicates
@@ -274,7 +268,7 @@ def test_full_spool_reports_not_ready_once(
     stub.set_faults(outage=True)
     bridge = bridge_factory(spool={"max_bytes": 64 * 1024}, log={"format": "json"})
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(50), 40, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(50), 40, START_TS))
     wait_until(lambda: bridge.metric("bridge_spool_full") == 1, 30, message="spool full")
     reasons = set()
     deadline = time.monotonic() + 4.0
@@ -306,7 +300,7 @@ def test_broker_restart_mid_stream_loses_nothing(
     """Test that two broker restarts while the bridge consumes lose no reading."""
     bridge = bridge_factory(mqtt={"reconnect_min_secs": 0.2, "reconnect_max_secs": 2})
     total = 9_000
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _BackgroundPublisher(mosquitto, items, rate=1_500, chunk=500).start()
     for restart, after in enumerate((2_000, 5_000), start=1):
         wait_until(lambda n=after: _distinct(stub) >= n, 60, message=f"{after} delivered")
@@ -335,6 +329,7 @@ def test_broker_restart_mid_stream_loses_nothing(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         reconnects=int(reconnects),
     )
     assert total == publisher.published
@@ -357,7 +352,7 @@ def test_broker_restart_with_messages_in_flight_loses_nothing(
     pid = bridge.pid
     assert pid is not None
     total = 6_000
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many(items[:2_000])
     wait_until(lambda: _distinct(stub) >= 2_000, 30, message="the first 2,000")
@@ -389,6 +384,7 @@ def test_broker_restart_with_messages_in_flight_loses_nothing(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         redelivered_metric=int(bridge.metric("bridge_readings_redelivered_total")),
     )
     assert [] == missing
@@ -409,7 +405,7 @@ def test_mqtt_v311_session_delivers_everything(
     total = 2_000
     started = time.monotonic()
     with Publisher(broker.host, broker.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(100), total // 100, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(100), total // 100, START_TS))
     wait_until(lambda: _delivered(stub) >= total, 60, message="all readings")
     elapsed = time.monotonic() - started
     wait_until(lambda: bridge.metric("bridge_spool_readings") == 0, 15, message="spool empty")
@@ -420,6 +416,7 @@ def test_mqtt_v311_session_delivers_everything(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         seconds=round(elapsed, 2),
     )
     assert [] == missing
@@ -437,7 +434,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(
     """Test that a bridge stopped with SIGTERM mid-stream exits 0 and loses nothing."""
     bridge = bridge_factory()
     total = 8_000
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _BackgroundPublisher(mosquitto, items, rate=1_000, chunk=200).start()
     wait_until(lambda: _delivered(stub) >= 2_000, 60, message="a quarter delivered")
     code = bridge.terminate(30)
@@ -457,6 +454,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         redelivered_metric=int(bridge.metric("bridge_readings_redelivered_total")),
     )
     assert [] == missing
@@ -475,7 +473,7 @@ def test_sigterm_during_cloud_outage_exits_within_the_grace_period(
     assert 0 == bridge.terminate(30)
     total = 3_050
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(50), total // 50, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(50), total // 50, START_TS))
     bridge.start()
     bridge.wait_ready(30)
     wait_until(lambda: bridge.metric("bridge_spool_readings") == total, 15, message="all spooled")
@@ -521,7 +519,7 @@ def test_wrong_credentials_keep_data_and_recover_on_sighup(
     assert pid is not None
     total = 300
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(30), total // 30, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(30), total // 30, START_TS))
     body = wait_until(lambda: _not_ready(bridge), 30, message="/readyz 503")
     assert "credentials" in body["problems"].get("cloud", "")
     wait_until(
@@ -554,6 +552,7 @@ def test_wrong_credentials_keep_data_and_recover_on_sighup(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         recovered_after_sighup_secs=round(recovered_after, 1),
         warning_lines=dict(warnings),
     )
@@ -588,7 +587,7 @@ def test_fixed_credentials_resume_every_worker_promptly_after_sighup(
     assert pid is not None
     total = 600
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(60), total // 60, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(60), total // 60, START_TS))
     wait_until(
         lambda: stub.stats()["rejected"].get("SignatureDoesNotMatch", 0) >= 16,
         30,
@@ -630,7 +629,7 @@ def test_throttling_slows_down_and_loses_nothing(
         return _delivered(stub) >= total
 
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(100), total // 100, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(100), total // 100, START_TS))
     wait_until(all_arrived, 60, interval=0.02, message="all readings")
     missing, duplicates, _ = _account(stub, total)
     throttled = bridge.metric("bridge_push_requests_total", outcome="throttled")
@@ -641,6 +640,7 @@ def test_throttling_slows_down_and_loses_nothing(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         throttled_requests=int(throttled),
         lowest_limit=min(limits),
         samples=len(limits),
@@ -664,7 +664,7 @@ def test_success_answer_without_data_success_is_retried(
     bridge = bridge_factory(batch={"max_devices": 50})
     total = 2_000
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(100), total // 100, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(100), total // 100, START_TS))
     wait_until(lambda: stub.stats()["fail_body"] >= 10, 30, message="ten fail answers")
     time.sleep(2.0)  # keep the fault on for 2 s more
     stub.set_faults(fail_body_rate=0.0)
@@ -679,6 +679,7 @@ def test_success_answer_without_data_success_is_retried(
         delivered=_delivered(stub),
         duplicates=duplicates,
         lost=len(missing),
+        peak_rss_mb=bridge.peak_rss_mb,
         fail_answers=fail_answers,
         retried_requests=int(retried),
     )

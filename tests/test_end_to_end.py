@@ -9,18 +9,20 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness import (
+    START_TS,
     BridgeFactory,
     Mosquitto,
     Publisher,
     StubProcess,
     iter_telemetry,
+    meter_ids,
+    seq_counts,
     telemetry_payload,
     telemetry_points,
     wait_until,
@@ -28,21 +30,11 @@ from tests.harness import (
 
 pytestmark = pytest.mark.integration
 
-START_TS = 1_700_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Asia/Shanghai
-
-
-def _meters(n: int) -> list[str]:
-    return [f"meter-{i:04d}" for i in range(n)]
-
-
-def _seqs(entries: list[dict[str, Any]]) -> Counter[int]:
-    return Counter(int(e["data"]["seq"]) for e in entries if "seq" in e["data"])
-
 
 def _reconcile(stub: StubProcess, published: int, earlier: list[dict[str, Any]] | None = None):
     """Return (received entries, missing seqs, duplicate count) for seqs 0..published-1."""
     entries = (earlier or []) + stub.received()
-    counts = _seqs(entries)
+    counts = seq_counts(entries)
     missing = sorted(set(range(published)) - set(counts))
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
     return entries, missing, duplicates
@@ -60,7 +52,7 @@ def test_stream_of_10000_readings_from_200_meters_arrives_exactly_once(
     total = 10_000
     started = time.monotonic()
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(200), total // 200, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(200), total // 200, START_TS))
     wait_until(lambda: _delivered(stub) >= total, 120, message="all readings delivered")
     elapsed = time.monotonic() - started
     entries, missing, duplicates = _reconcile(stub, total)
@@ -175,7 +167,7 @@ def test_sigkill_mid_stream_loses_nothing_after_restart(
     """Test that a bridge killed with SIGKILL mid-stream delivers every reading after restart."""
     bridge = bridge_factory()
     total = 10_000
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _publish_in_background(mosquitto, items, rate=2_000)
     wait_until(lambda: _delivered(stub) >= 2_000, 60, message="a third delivered")
     bridge.kill()
@@ -184,7 +176,7 @@ def test_sigkill_mid_stream_loses_nothing_after_restart(
     bridge.wait_ready(30)
     publisher.join(300)
     assert [] == publisher.errors  # type: ignore[attr-defined]
-    wait_until(lambda: len(_seqs(stub.received())) >= total, 120, message="all after restart")
+    wait_until(lambda: len(seq_counts(stub.received())) >= total, 120, message="all after restart")
     _, missing, duplicates = _reconcile(stub, total)
     print(f"\nSIGKILL mid-stream: {total} published, {duplicates} duplicates, {len(missing)} lost")
     assert [] == missing
@@ -197,7 +189,7 @@ def test_cloud_down_for_20_seconds_loses_nothing_and_backlog_drains(
     """Test that readings published while the cloud is down are kept and delivered after."""
     bridge = bridge_factory(cloud={"retry_max_secs": 2})
     total = 6_000
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _publish_in_background(mosquitto, items, rate=200)
     wait_until(lambda: _delivered(stub) >= 500, 60, message="some delivered before the outage")
     before = stub.received()
@@ -210,7 +202,7 @@ def test_cloud_down_for_20_seconds_loses_nothing_and_backlog_drains(
     publisher.join(300)
     assert [] == publisher.errors  # type: ignore[attr-defined]
     wait_until(
-        lambda: len(_seqs(before + stub.received())) >= total, 120, message="backlog drained"
+        lambda: len(seq_counts(before + stub.received())) >= total, 120, message="backlog drained"
     )
     _, missing, duplicates = _reconcile(stub, total, earlier=before)
     print(f"\ncloud outage 20 s: {total} published, {duplicates} duplicates, {len(missing)} lost")

@@ -39,6 +39,7 @@ import pytest
 import yaml
 
 from tests.harness import (
+    START_TS,
     BridgeFactory,
     BridgeProcess,
     Mosquitto,
@@ -46,6 +47,7 @@ from tests.harness import (
     Publisher,
     StubProcess,
     iter_telemetry,
+    meter_ids,
     telemetry_payload,
     telemetry_points,
     wait_until,
@@ -53,16 +55,11 @@ from tests.harness import (
 
 pytestmark = pytest.mark.integration
 
-START_TS = 1_700_000_000  # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Asia/Shanghai
 RECEIVE_MAXIMUM = 4096  # the bridge's default mqtt.receive_maximum
 
 
 # ---------------------------------------------------------------------------------------------
 # accounting helpers
-
-
-def _meters(n: int) -> list[str]:
-    return [f"meter-{i:04d}" for i in range(n)]
 
 
 def _get_json(url: str, timeout: float = 30.0) -> Any:
@@ -242,7 +239,7 @@ def test_repeated_sigkill_during_a_20000_reading_stream_loses_nothing(
     total = 20_000
     stub.set_faults(latency_ms=150)
     bridge = bridge_factory()
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _PacedPublisher(mosquitto, items, rate=800, chunk=100).start()
     tally = _Tally(stub)
     peak = 0.0
@@ -310,7 +307,7 @@ def test_broker_restart_without_persistence_loses_only_what_the_broker_held(
     assert pid is not None
     n_a, n_b, n_c = 2_000, 6_000, 2_000
     total = n_a + n_b + n_c
-    items = list(iter_telemetry(_meters(100), total // 100, START_TS))
+    items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     tally = _Tally(stub)
     with Publisher(broker.host, broker.port) as pub:
         published = pub.publish_many(items[:n_a])
@@ -399,7 +396,7 @@ def test_cloud_outage_of_60_seconds_then_backlog_drains(
     backlog are measured.
     """
     outage_secs = 60.0
-    meters = _meters(200)
+    meters = meter_ids(200)
     backlog_minutes = 10
     backlog_total = len(meters) * backlog_minutes * 60
     live_first_seq = 1_000_000
@@ -497,7 +494,7 @@ def test_slow_cloud_keeps_memory_bounded_and_the_session_alive(
     config = yaml.safe_load(bridge.config_path.read_text(encoding="utf-8"))
     client_id = config["mqtt"]["client_id"]
     total = 30_000
-    items = iter_telemetry(_meters(100), total // 100, START_TS)
+    items = iter_telemetry(meter_ids(100), total // 100, START_TS)
     publisher = _PacedPublisher(mosquitto, items, rate=500, chunk=250).start()
     tally = _Tally(stub)
     rss: list[int] = []
@@ -770,7 +767,7 @@ def test_garbage_cannot_fill_the_spool_and_hold_back_valid_readings(
             10,
             message="the oldest garbage given up to keep the dead-letter budget",
         )
-        pub.publish_many(iter_telemetry(_meters(2), total // 2, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(2), total // 2, START_TS))
     tally = _Tally(stub)
     wait_until(
         lambda: tally.has_all(set(range(total))),
@@ -791,7 +788,7 @@ def test_push_the_cloud_stored_after_the_bridge_gave_up_arrives_twice_and_is_cou
     bridge = bridge_factory(cloud={"request_timeout_secs": 1.0, "retry_max_secs": 0.5})
     total = 10
     with Publisher(mosquitto.host, mosquitto.port) as pub:
-        pub.publish_many(iter_telemetry(_meters(total), 1, START_TS))
+        pub.publish_many(iter_telemetry(meter_ids(total), 1, START_TS))
     wait_until(
         lambda: bridge.metric("bridge_push_requests_total", code="Timeout") >= 2,
         30,
