@@ -55,7 +55,7 @@ from tests.harness import (
 
 pytestmark = pytest.mark.integration
 
-RECEIVE_MAXIMUM = 4096  # the bridge's default mqtt.receive_maximum
+RECEIVE_MAXIMUM = 2048  # the bridge's default mqtt.receive_maximum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_broker_restart_without_persistence_loses_only_what_the_broker_held(
 
     Phase A: 2,000 readings while the bridge keeps up (all received, committed, acknowledged).
     Phase B: the bridge is frozen (SIGSTOP: a bridge that fell behind) while 6,000 more are
-    published: the broker writes at most Receive Maximum (4,096) of them to the bridge's socket
+    published: the broker writes at most Receive Maximum (2,048) of them to the bridge's socket
     and keeps the rest queued *in its memory*; then the broker restarts with persistence off.
     While it is down a publisher cannot connect, so no reading can be published then. Phase C:
     2,000 readings after the bridge reconnected on a fresh session.
