@@ -36,9 +36,14 @@ def test_counters_reconcile_after_a_run_with_rejects_and_refusals(
     published = len(good) + len(bad) + 1
 
     def settled() -> dict[str, float] | None:
+        # Done when every message arrived and every reading reached a final state (the spool
+        # gauge alone is refreshed once a second and reads 0 before the first refresh).
         m = bridge.metrics()
         received = sum(v for k, v in m.items() if k.startswith("bridge_messages_received_total"))
-        if received < published or m["bridge_spool_readings"] != 0:
+        final = m["bridge_readings_delivered_total"] + sum(
+            v for k, v in m.items() if k.startswith("bridge_readings_dead_lettered_total{")
+        )
+        if received < published or final < len(good) + 1 or m["bridge_spool_readings"] != 0:
             return None
         return m
 
