@@ -23,9 +23,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -35,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from bridge import cloud_stub
-from bridge.testing import StubProcess, wait_until
+from bridge.testing import StubProcess
 
 __all__ = ["BenchStub", "main"]
 
@@ -106,33 +103,11 @@ class BenchStub(StubProcess):
     """
 
     name = "bench-stub"
+    command = ("bench.stub",)
 
     def __init__(self, workdir: Path, *, args: Sequence[str] = ()) -> None:
-        super().__init__(workdir, args=args)
-
-    def start(self, timeout: float = 20.0) -> BenchStub:
-        """Start the stub and wait for its ``listening`` line (as ``StubProcess.start``)."""
-        argv = [sys.executable, "-m", "bench.stub", "--host", self.host, "--port", str(self.port)]
-        argv += self.args
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
-        self._ready.clear()
-        proc = self._spawn(argv, env=env, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        self._reader = threading.Thread(
-            target=self._pump, args=(proc.stdout,), name="stub-stdout", daemon=True
-        )
-        self._reader.start()
-        try:
-            wait_until(
-                lambda: self._ensure_alive("starting") and self._ready.is_set(),
-                timeout,
-                message=lambda: f"'cloud-stub listening on' line\n{self.describe()}",
-            )
-        except BaseException:
-            self.kill()
-            raise
-        return self
+        super().__init__(workdir, args=args, env={"PYTHONPATH": pythonpath})
 
     def times(self) -> tuple[list[int], list[float]]:
         """Every stored entry's ``seq`` and acceptance time, in acceptance order."""

@@ -32,7 +32,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final, Self, TypeVar
 
 import yaml
 
@@ -512,6 +512,8 @@ class StubProcess(_ChildProcess):
     """
 
     name = "cloud-stub"
+    command: Sequence[str] = ("bridge", "cloud-stub")
+    """What runs after ``python -m`` (a subclass may run a wrapper of the stub instead)."""
 
     def __init__(
         self,
@@ -544,14 +546,14 @@ class StubProcess(_ChildProcess):
             raise RuntimeError("the stub has not been started yet")
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> StubProcess:
+    def start(self, timeout: float = 20.0) -> Self:
         """Start the stub and wait for its ``listening`` line on stdout.
 
         Raises:
             RuntimeError: the stub exited first (with the tail of its log).
             AssertionError: no ``listening`` line within ``timeout`` seconds.
         """
-        argv = [sys.executable, "-m", "bridge", "cloud-stub", "--host", self.host]
+        argv = [sys.executable, "-m", *self.command, "--host", self.host]
         argv += ["--port", str(self.port), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._ready.clear()
@@ -604,7 +606,7 @@ class StubProcess(_ChildProcess):
             self._reader.join(timeout=5)
             self._reader = None
 
-    def restart(self, timeout: float = 20.0) -> StubProcess:
+    def restart(self, timeout: float = 20.0) -> Self:
         """Stop and start again on the same port. Its memory (received, stats) starts empty."""
         self.stop()
         return self.start(timeout)
