@@ -12,6 +12,7 @@ Waiting is always on a condition with a deadline (:func:`wait_until`), never a b
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -55,9 +57,11 @@ __all__ = [
     "deep_merge",
     "free_port",
     "iter_telemetry",
+    "load_push_vector",
     "meter_ids",
     "parse_metrics",
     "port_accepts",
+    "push_vectors_dir",
     "seq_counts",
     "telemetry_payload",
     "telemetry_points",
@@ -306,6 +310,34 @@ _TELEMETRY_POINTS: Final = ("Ua", "Ub", "Uc", "Ia", "Ib", "Ic", "P", "Q", "COSQ"
 
 START_TS: Final = 1_700_000_000
 """2023-11-14 22:13:20 UTC = recordTime ``2023-11-15 06:13:20`` in Asia/Shanghai."""
+
+
+def push_vectors_dir() -> Path | None:
+    """``shared/vectors/push`` beside the clone, or under ``$ENERGY_BRIDGE_SHARED``."""
+    beside_clone = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "push"
+    if beside_clone.is_dir():
+        return beside_clone
+    shared = os.environ.get("ENERGY_BRIDGE_SHARED")
+    if shared and (Path(shared) / "vectors" / "push").is_dir():
+        return Path(shared) / "vectors" / "push"
+    return None
+
+
+def load_push_vector(name: str) -> dict[str, Any]:
+    """A captured vendor-SDK request (``<name>.json``) with ``body`` as bytes and, when present,
+    ``canonical_txt``; skips the test when the shared folder is not there."""
+    folder = push_vectors_dir()
+    if folder is None:
+        pytest.skip(
+            "push vectors not found: expected ../shared/vectors/push beside the clone "
+            "or ENERGY_BRIDGE_SHARED pointing to the shared folder"
+        )
+    vector: dict[str, Any] = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    vector["body"] = vector["body_text"].encode()
+    canonical_file = folder / f"{name}.canonical.txt"
+    if canonical_file.exists():
+        vector["canonical_txt"] = canonical_file.read_text(encoding="utf-8")
+    return vector
 
 
 def meter_ids(n: int) -> list[str]:

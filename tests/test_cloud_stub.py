@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from bridge.cloud_stub import (
     parse_keys,
 )
 from bridge.push.signing import PUSH_PATH, Credentials, push_headers, sign
+from tests.harness import load_push_vector
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = Credentials("testid", "testsecret")
@@ -44,25 +44,8 @@ GOOD_BODY = {
 }
 
 
-def _vectors_dir() -> Path | None:
-    beside_clone = REPO.parent / "shared" / "vectors" / "push"
-    if beside_clone.is_dir():
-        return beside_clone
-    shared = os.environ.get("ENERGY_BRIDGE_SHARED")
-    if shared and (Path(shared) / "vectors" / "push").is_dir():
-        return Path(shared) / "vectors" / "push"
-    return None
-
-
 def _load(name: str) -> dict[str, Any]:
-    folder = _vectors_dir()
-    if folder is None:
-        pytest.skip(
-            "push vectors not found: expected ../shared/vectors/push beside the clone "
-            "or ENERGY_BRIDGE_SHARED pointing to the shared folder"
-        )
-    vector: dict[str, Any] = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    vector["body"] = vector["body_text"].encode()
+    vector = load_push_vector(name)
     if "headers_wire" not in vector:
         # Captured before transport: add what the HTTP client would (unsigned) on the wire.
         vector["headers_wire"] = [

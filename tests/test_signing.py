@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,34 +24,14 @@ from bridge.push.signing import (
     signature,
     string_to_sign,
 )
+from tests.harness import load_push_vector, push_vectors_dir
 
 V3_VECTORS = ("push_v3_ak", "push_v3_sts", "push_v3_sts_prodhost_offline")
 SECRET = "testsecret"
 
 
-def _vectors_dir() -> Path | None:
-    beside_clone = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "push"
-    if beside_clone.is_dir():
-        return beside_clone
-    shared = os.environ.get("ENERGY_BRIDGE_SHARED")
-    if shared and (Path(shared) / "vectors" / "push").is_dir():
-        return Path(shared) / "vectors" / "push"
-    return None
-
-
 def _load(name: str) -> dict[str, Any]:
-    folder = _vectors_dir()
-    if folder is None:
-        pytest.skip(
-            "push vectors not found: expected ../shared/vectors/push beside the clone "
-            "or ENERGY_BRIDGE_SHARED pointing to the shared folder"
-        )
-    vector: dict[str, Any] = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    vector["body"] = vector["body_text"].encode()
-    canonical_file = folder / f"{name}.canonical.txt"
-    if canonical_file.exists():
-        vector["canonical_txt"] = canonical_file.read_text(encoding="utf-8")
-    return vector
+    return load_push_vector(name)
 
 
 def _recompute(headers: dict[str, str], body: bytes, secret: str, path: str = PUSH_PATH) -> str:
@@ -82,7 +59,7 @@ def vector(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 def test_vectors_all_v3_captures_are_covered() -> None:
     """Test that every push_v3_*.json in the shared folder is one of the vectors tested here."""
-    folder = _vectors_dir()
+    folder = push_vectors_dir()
     if folder is None:
         pytest.skip("push vectors not found (../shared or ENERGY_BRIDGE_SHARED)")
     found = {path.stem for path in folder.glob("push_v3_*.json")}
