@@ -555,9 +555,12 @@ def test_refused_tls_handshake_is_logged_once_a_minute(
             "reconnect_max_secs": 0.5,
         },
     )
+    # mosquitto words a refused handshake differently by version and buffers its log file, so
+    # count the connection attempts it logged, however late they are written.
     wait_until(
-        lambda: broker.log_text().count("Client connection from 127.0.0.1 failed") >= 5,
-        30,
+        lambda: broker.log_text().count("New connection from 127.0.0.1") >= 5,
+        90,
+        interval=0.5,
         message="five refused handshakes",
     )
     warnings = [
