@@ -4,7 +4,7 @@
 #   docker run --rm energy-bridge check          # any subcommand: run (default), check,
 #                                                # cloud-stub, simulate, demo
 # docker-compose.yml runs the bridge, the cloud stand-in and the simulator from this image;
-# tests/test_deploy.py checks this file against the CLI and the settings.
+# tests/integration/test_deploy.py checks this file against the CLI and the settings.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -106,7 +106,7 @@ def top_functions(collapsed: Path, limit: int = 15) -> dict[str, Any]:
         ``samples``; ``self_pct``: functions by samples where they were the innermost frame;
         ``bridge_total_pct``: the bridge's own functions by samples anywhere on the stack;
         ``by_module_pct``: each sample charged to the innermost ``bridge/`` module on its
-        stack (so paho's work counts for ``mqtt_source.py``, SQLite's for ``spool.py``);
+        stack (so paho's work counts for ``intake/mqtt.py``, SQLite's for ``spool/store.py``);
         ``by_thread_pct``: event loop (main thread) versus worker threads;
         ``idle_excluded_pct``: samples left out because the thread was waiting for work.
     """

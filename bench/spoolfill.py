@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from bench.loadgen import Workload
 from bridge.models import Reading
-from bridge.spool import Spool
+from bridge.spool.store import Spool
 
 __all__ = ["fill_spool", "reading_of"]
 

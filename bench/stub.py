@@ -1,9 +1,9 @@
-"""The cloud stub as the benchmark runs it: ``bridge.cloud_stub`` plus acceptance times.
+"""The cloud stub as the benchmark runs it: ``bridge.tools.cloud_stub`` plus acceptance times.
 
 The stub stores, for every accepted entry, the time it accepted it (``StoredEntry.received_at``),
 but ``/_stub/received`` does not return that time. Latency publish -> cloud acceptance needs
-it, so the benchmark runs the same :class:`bridge.cloud_stub.CloudStub` (same checks: signature,
-nonce, body shape; same flags) in this wrapper process, which adds one read-only route::
+it, so the benchmark runs the same :class:`bridge.tools.cloud_stub.CloudStub` (same checks:
+signature, nonce, body shape; same flags) in this wrapper process, which adds one read-only route::
 
     GET /_bench/times?since=K  ->  {"seq": [...], "t": [...], "next": K2}
 
@@ -31,8 +31,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge import cloud_stub
 from bridge.testing import StubProcess
+from bridge.tools import cloud_stub
 
 __all__ = ["BenchStub", "main"]
 

@@ -25,19 +25,19 @@ import logging
 import signal
 import time
 
-from bridge.batching import Batcher
 from bridge.config import Settings
 from bridge.credentials import CredentialsProvider
-from bridge.feeder import Feeder
 from bridge.health import SPOOL_FULL, Health, HealthServer
-from bridge.ingest import Ingest
-from bridge.mapping import REASONS, Mapper
+from bridge.intake.ingest import Ingest
+from bridge.intake.mapping import REASONS, Mapper
+from bridge.intake.mqtt import MqttSource
 from bridge.models import Batch
-from bridge.mqtt_source import MqttSource
+from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
+from bridge.push.feeder import Feeder
 from bridge.push.pusher import Pusher
-from bridge.spool import Spool
-from bridge.spool_writer import SpoolWriter
+from bridge.spool.store import Spool
+from bridge.spool.thread import SpoolWriter
 from bridge.telemetry import Metrics
 
 __all__ = ["App"]

@@ -49,7 +49,7 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 def _check(args: argparse.Namespace) -> int:
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
-    from bridge.mapping import Mapper  # noqa: PLC0415
+    from bridge.intake.mapping import Mapper  # noqa: PLC0415
 
     settings = _load(args.config)
     warnings: list[str] = []
@@ -77,7 +77,7 @@ def _check(args: argparse.Namespace) -> int:
             out["sample"] = {"rejected": {"reason": exc.reason, "detail": exc.detail}}
             status = 1
         else:
-            from bridge.batching import build_body, serialize_entry  # noqa: PLC0415
+            from bridge.push.batching import build_body, serialize_entry  # noqa: PLC0415
 
             bodies: dict[str, list[bytes]] = {}
             for r in readings:
@@ -98,10 +98,10 @@ def _delegate(module: str) -> tuple[Any, Any]:
 
 
 _DELEGATED = (
-    ("cloud-stub", "bridge.cloud_stub", "run a local stand-in for the push API"),
-    ("simulate", "bridge.simulate", "publish simulated three-phase meter readings"),
-    ("demo", "bridge.demo", "run mosquitto, the stub, the simulator and the bridge together"),
-    ("dlq", "bridge.dlq", "list, show, replay or purge dead letters"),
+    ("cloud-stub", "bridge.tools.cloud_stub", "run a local stand-in for the push API"),
+    ("simulate", "bridge.tools.simulate", "publish simulated three-phase meter readings"),
+    ("demo", "bridge.tools.demo", "run mosquitto, the stub, the simulator and the bridge together"),
+    ("dlq", "bridge.spool.dlq", "list, show, replay or purge dead letters"),
 )
 
 

@@ -7,7 +7,7 @@ Starts, each as its own process on 127.0.0.1 and free ports: a private Mosquitto
 stub (answering some pushes 503 or 429 and refusing entries that carry the ``poison`` point),
 the bridge, ``energy-bridge simulate`` (200 meters, one reading a second each, every 500th
 message malformed) and a real ``prometheus`` scraping the bridge every 2 s, with the scrape job
-and alert rules of ``deploy/prometheus`` (the ``Prometheus`` helper of tests/test_dashboard.py).
+and alert rules of ``deploy/prometheus`` (the ``bridge.testing.Prometheus`` helper).
 During the run a few readings with the poison point are published (dead letters, devices that
 fall silent), the cloud has an outage for a fifth of the run (lag and spool grow, then drain)
 and the broker is restarted once (MQTT reconnect). Then every query of every panel of
@@ -20,7 +20,7 @@ bridge's spool is limited to 4 MiB (``--spool-max-mib``) so that the spool panel
 ``--save FILE`` keeps the answers; ``--replay FILE`` draws them again without running anything.
 
 Needs ``mosquitto`` and ``prometheus`` on PATH (Debian/Ubuntu: ``apt-get install -y mosquitto
-prometheus``) and a checkout (it imports ``tests/``). Every process is killed at the end; the
+prometheus``) and a checkout (it reads ``deploy/``). Every process is killed at the end; the
 work directory (configs, logs, Prometheus data) is a temporary one unless ``--workdir`` is given.
 Exit status 0 when every panel drew data, 1 when some panel had none (the PNG is written anyway),
 2 when prometheus or matplotlib is missing.
@@ -56,20 +56,24 @@ except ImportError as exc:  # the optional "render" extra
     raise SystemExit(2) from exc
 
 ROOT = Path(__file__).resolve().parents[1]
-# The checkout: ``bridge`` and ``tests`` (whose Prometheus helper is reused here).
+# The checkout's ``bridge`` package, also when the project is not installed.
 sys.path.insert(0, str(ROOT))
 
 from bridge.testing import (  # noqa: E402 - needs the checkout on sys.path
     LOOPBACK,
     BridgeProcess,
     Mosquitto,
+    Prometheus,
+    Publisher,
     StubProcess,
     free_port,
+    telemetry_payload,
     wait_until,
     write_bridge_config,
 )
-from tests.harness import Publisher, telemetry_payload  # noqa: E402 - same
-from tests.test_dashboard import DASHBOARD, JOB, Prometheus  # noqa: E402 - same
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "energy-bridge.json"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 POISON = "poison"
 RATE_INTERVAL = "10s"
@@ -135,8 +139,8 @@ class ScrapingPrometheus(Prometheus):
     """The tests' Prometheus helper, scraping (and evaluating rules) every ``interval`` s."""
 
     def __init__(self, workdir: Path, executable: str, *, targets: list[str], interval: int):
-        """Describe the server; see :class:`tests.test_dashboard.Prometheus`."""
-        super().__init__(workdir, executable, targets=targets)
+        """Describe the server; see :class:`bridge.testing.Prometheus`."""
+        super().__init__(workdir, executable, targets=targets, config=PROMETHEUS_CONFIG)
         self.interval = interval
 
     def config(self) -> dict[str, Any]:
@@ -213,7 +217,7 @@ def query_panels(prometheus: Prometheus, dashboard: dict[str, Any], run: Run) ->
 
 def scraped(prometheus: Prometheus) -> bool:
     """Whether Prometheus has scraped the bridge successfully."""
-    result = prometheus.query(f'up{{job="{JOB}"}}')
+    result = prometheus.query(f'up{{job="{prometheus.job}"}}')
     return bool(result) and result[0]["value"][1] == "1"
 
 

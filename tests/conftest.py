@@ -1,4 +1,4 @@
-"""Shared fixtures: a private mosquitto, the cloud stub, bridge processes, the shared/ directory.
+"""Shared fixtures: a private mosquitto, the cloud stub and bridge processes.
 
 Every process fixture kills what it started in a ``finally`` (also when the test failed) and,
 when the test failed, prints the tail of each process's log into the test report.
@@ -6,7 +6,6 @@ when the test failed, prints the tail of each process's log into the test report
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -14,13 +13,13 @@ from typing import Any
 
 import pytest
 
-# Make ``tests.harness`` importable however pytest is started (``pytest``, ``python -m
+# Make ``tests.support`` importable however pytest is started (``pytest``, ``python -m
 # pytest``, from another directory): the repository root goes first on sys.path.
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.harness import (  # noqa: E402 - needs the sys.path entry above
+from tests.support import (  # noqa: E402 - needs the sys.path entry above
     BridgeFactory,
     BridgeProcess,
     Mosquitto,
@@ -53,20 +52,6 @@ def _report_logs(request: pytest.FixtureRequest, *processes: Any) -> None:
     if _test_failed(request):
         for process in processes:
             print(process.describe())
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The project's ``shared/`` directory (API notes and test vectors).
-
-    ``$ENERGY_BRIDGE_SHARED`` when set; otherwise ``shared/`` beside the repository checkout
-    (``/work/shared`` for ``/work/main``; CI puts a copy beside its clone).
-    """
-    override = os.environ.get("ENERGY_BRIDGE_SHARED")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
-    if not path.is_dir():
-        pytest.fail(f"shared directory not found at {path}; set ENERGY_BRIDGE_SHARED")
-    return path
 
 
 @pytest.fixture

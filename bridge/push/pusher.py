@@ -19,14 +19,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from bridge.batching import split_entries
 from bridge.health import Health
 from bridge.logs import Throttled
 from bridge.models import Batch
+from bridge.push.batching import split_entries
 from bridge.push.client import PushResult
 from bridge.push.retry import Outcome, backoff, classify
-from bridge.spool import DeadLetter
-from bridge.spool_writer import SpoolWriter
+from bridge.spool.store import DeadLetter
+from bridge.spool.thread import SpoolWriter
 from bridge.telemetry import Metrics
 
 __all__ = ["AdaptiveLimit", "Pusher"]

@@ -1,0 +1,431 @@
+"""The MQTT source: the service's one paho session (the tools and the test helpers use paho too).
+
+paho's socket work runs on the asyncio event loop (``add_reader``/``add_writer`` on paho's
+socket), so messages reach the bridge without a thread hand-off per message. Only the blocking
+TCP/TLS connect runs in a worker thread; the socket callbacks paho makes from there are moved
+to the loop with ``call_soon_threadsafe``.
+
+Delivery contract: subscriptions are QoS 1 on a persistent session (fixed client id, clean
+start off, session expiry); every message is handed to ``on_message`` with an ack token, and
+acknowledged only when the bridge calls :meth:`MqttSource.ack` after the spool commit. Tokens
+from an earlier connection are not acked (their message ids belong to a dead connection; the
+broker redelivers those messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from bridge.config import MqttProtocol, MqttSettings
+from bridge.health import Health
+from bridge.logs import Throttled
+from bridge.models import Inbound
+from bridge.telemetry import Metrics
+
+__all__ = ["AckToken", "MqttSource"]
+
+log = logging.getLogger("bridge.mqtt")
+
+AckToken = tuple[int, int]  # (connection generation, message id)
+
+_READ_CHUNK = 256 * 1024
+_PACKETS_PER_WAKEUP = 2000
+
+
+class _BufferedClient(paho.Client):
+    """paho reads each packet with three or more ``recv`` calls (command byte, length bytes,
+    body): at thousands of messages a second those system calls are most of the cost. This
+    subclass serves them from one large read. ``would_block`` tells the reader when both the
+    buffer and the socket are empty, since paho turns that condition into plain success.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rbuf = bytearray()
+        self.would_block = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf = self.rbuf
+        if not buf:
+            try:
+                data = super()._sock_recv(_READ_CHUNK)
+            except BlockingIOError:
+                self.would_block = True
+                raise
+            if not data:
+                return data  # end of stream: paho handles the lost connection
+            buf += data
+        chunk = bytes(buf[:bufsize])
+        del buf[:bufsize]
+        return chunk
+
+
+class MqttSource:
+    """Keeps a persistent QoS 1 session on the broker and yields messages to ``on_message``.
+
+    Args:
+        settings: the ``mqtt`` section.
+        subscriptions: topic filters to subscribe to on every connect.
+        on_message: called on the event loop for each message with an ack token (``None``
+            for QoS 0, which needs no ack).
+        metrics, health: observability.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        subscriptions: Sequence[str],
+        on_message: Callable[[Inbound, AckToken | None], None],
+        metrics: Metrics,
+        health: Health,
+    ) -> None:
+        self._settings = settings
+        self._subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._metrics = metrics
+        self._health = health
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._client = self._make_client()
+        self._generation = 0
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._connack: asyncio.Future[ReasonCode] | None = None
+        self._sock: Any = None
+        self._paused = False
+        self._stopping = False
+        self._connects = 0
+        self._reconnect_log = Throttled(log)
+        health.set("mqtt", "not connected yet")
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up and subscribed."""
+        return self._connected.is_set()
+
+    def ack(self, tokens: Sequence[AckToken]) -> int:
+        """Acknowledge committed messages, in the order received; returns how many were sent.
+
+        Messages whose connection is gone cannot be acknowledged: the broker will send them
+        again, and they will be stored twice. They are counted as redelivered readings.
+        """
+        sent = 0
+        if self._connected.is_set():
+            generation = self._generation
+            client = self._client
+            for gen, mid in tokens:
+                if gen == generation:
+                    client.ack(mid, 1)
+                    sent += 1
+        if sent < len(tokens):
+            self._metrics.readings_redelivered.inc(len(tokens) - sent)
+        return sent
+
+    def pause(self) -> None:
+        """Stop reading the socket (backpressure); the broker's flow control holds the rest."""
+        if not self._paused:
+            self._paused = True
+            if self._sock is not None and self._loop is not None:
+                self._loop.remove_reader(self._sock)
+
+    def resume(self) -> None:
+        """Read the socket again."""
+        if self._paused:
+            self._paused = False
+            if self._sock is not None and self._loop is not None:
+                self._loop.add_reader(self._sock, self._on_readable)
+                self._loop.call_soon(self._on_readable)
+
+    async def run(self) -> None:
+        """Connect, subscribe, and reconnect with capped full-jitter backoff until stopped."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        misc = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
+        attempt = 0
+        try:
+            while not self._stopping:
+                problem = await self._connect_once()
+                if problem is None:
+                    attempt = 0
+                    await self._disconnected.wait()
+                    if self._stopping:
+                        break
+                    problem = "connection lost"
+                self._health.set("mqtt", f"broker {self._where}: {problem}")
+                attempt += 1
+                delay = random.uniform(
+                    0,
+                    min(
+                        self._settings.reconnect_max_secs,
+                        self._settings.reconnect_min_secs * 2 ** min(attempt - 1, 20),
+                    ),
+                )
+                self._reconnect_log.log(
+                    problem,
+                    logging.WARNING,
+                    "mqtt disconnected, reconnecting",
+                    {"broker": self._where, "reason": problem, "delay_secs": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
+        finally:
+            misc.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await misc
+
+    async def stop(self) -> None:
+        """Disconnect cleanly (unacknowledged messages stay with the broker)."""
+        self._stopping = True
+        if self._connected.is_set():
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), 2.0)
+        self._close_socket()
+        self._disconnected.set()
+
+    # -- connection -------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self._settings.host}:{self._settings.port}"
+
+    async def _connect_once(self) -> str | None:
+        """One connection attempt; returns ``None`` when connected and subscribed."""
+        assert self._loop is not None  # noqa: S101 - set in run()
+        s = self._settings
+        self._disconnected.clear()
+        self._connack = self._loop.create_future()
+        password = None
+        if s.password_file is not None:
+            try:
+                password = s.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                return f"cannot read mqtt.password_file: {exc.strerror}"
+        elif s.password is not None:
+            password = s.password.get_secret_value()
+        if s.username is not None:
+            self._client.username_pw_set(s.username, password)
+        kwargs: dict[str, Any] = {}
+        if s.protocol is MqttProtocol.V5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_secs
+            props.ReceiveMaximum = s.receive_maximum
+            kwargs = {"clean_start": False, "properties": props}
+        try:
+            await self._loop.run_in_executor(
+                None, lambda: self._client.connect(s.host, s.port, s.keepalive_secs, **kwargs)
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._close_socket()
+            return f"{type(exc).__name__}: {exc}"
+        try:
+            reason = await asyncio.wait_for(asyncio.shield(self._connack), 15.0)
+        except TimeoutError:
+            self._client.disconnect()
+            self._close_socket()
+            return "no CONNACK within 15 s"
+        if reason.is_failure:
+            self._close_socket()
+            return f"broker refused the connection: {reason}"
+        return None
+
+    def _make_client(self) -> _BufferedClient:
+        s = self._settings
+        v5 = s.protocol is MqttProtocol.V5
+        client = _BufferedClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            clean_session=None if v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
+        client.connect_timeout = 10.0
+        client.max_inflight_messages_set(100)
+        if s.tls.enabled:
+            ctx = ssl.create_default_context(cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if s.tls.cert_file is not None:
+                ctx.load_cert_chain(
+                    str(s.tls.cert_file), str(s.tls.key_file) if s.tls.key_file else None
+                )
+            if s.tls.insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            client.tls_set_context(ctx)
+            client.tls_insecure_set(s.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_paho_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        return client
+
+    def _close_socket(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+            self._loop.remove_writer(self._sock)
+        self._sock = None
+
+    # -- paho callbacks (all on the loop, except socket_open/register_write during connect) ---
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        assert self._loop is not None  # noqa: S101
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            # paho calls these from the connect thread; loop methods are not thread-safe.
+            self._loop.call_soon_threadsafe(fn)
+
+    def _on_socket_open(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        def attach() -> None:
+            assert self._loop is not None  # noqa: S101
+            self._client.rbuf.clear()  # nothing of an old connection may be parsed as new
+            self._sock = sock
+            if not self._paused:
+                self._loop.add_reader(sock, self._on_readable)
+
+        self._in_loop(attach)
+
+    def _on_socket_close(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        def detach() -> None:
+            assert self._loop is not None  # noqa: S101
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            if self._sock is sock:
+                self._sock = None
+
+        self._in_loop(detach)
+
+    def _on_register_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        def register() -> None:
+            assert self._loop is not None  # noqa: S101
+            self._loop.add_writer(sock, self._on_writable)
+
+        self._in_loop(register)
+
+    def _on_unregister_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        def unregister() -> None:
+            assert self._loop is not None  # noqa: S101
+            self._loop.remove_writer(sock)
+
+        self._in_loop(unregister)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        for _ in range(_PACKETS_PER_WAKEUP):
+            if self._paused or self._sock is None:
+                return
+            client.would_block = False
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return
+            if client.would_block and not client.rbuf:
+                return
+        # Packets may be left in our buffer with nothing left to read on the socket, so the
+        # loop would not wake us again: come back after other tasks had their turn.
+        assert self._loop is not None  # noqa: S101
+        self._loop.call_soon(self._on_readable)
+
+    def _on_writable(self) -> None:
+        self._client.loop_write()
+
+    async def _misc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._client.loop_misc()
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _u: object,
+        _flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(reason)
+        if reason.is_failure:
+            return
+        self._generation += 1
+        self._connects += 1
+        if self._connects > 1:
+            self._metrics.mqtt_reconnects.inc()
+        # Subscribe on every connect: a broker may have lost the session whatever
+        # session-present says.
+        if self._settings.protocol is MqttProtocol.V5:
+            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._subscriptions])
+        else:
+            client.subscribe([(t, 1) for t in self._subscriptions])
+        log.info(
+            "mqtt connected",
+            extra={
+                "broker": self._where,
+                "session_present": bool(_flags.session_present),
+                "client_id": self._settings.client_id,
+            },
+        )
+
+    def _on_subscribe(
+        self,
+        _c: paho.Client,
+        _u: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        refused = [t for t, r in zip(self._subscriptions, reasons, strict=False) if r.is_failure]
+        if refused:
+            self._health.set("mqtt", f"broker refused subscription(s) {refused}")
+            self._metrics.mqtt_subscriptions.set(len(self._subscriptions) - len(refused))
+            log.error("subscription refused", extra={"topics": refused})
+            return
+        self._metrics.mqtt_subscriptions.set(len(self._subscriptions))
+        self._metrics.mqtt_connected.set(1)
+        self._connected.set()
+        self._health.set("mqtt", None)
+
+    def _on_disconnect(
+        self,
+        _c: paho.Client,
+        _u: object,
+        _flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self._metrics.mqtt_connected.set(0)
+        self._metrics.mqtt_subscriptions.set(0)
+        if not self._stopping:
+            log.info("mqtt connection closed", extra={"reason": str(reason)})
+        self._disconnected.set()
+
+    def _on_paho_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        # msg.topic decodes UTF-8 and raises on bad bytes; mapping decides with the raw bytes.
+        inbound = Inbound(
+            msg._topic,
+            bytes(msg.payload),
+            time.time(),
+            msg.mid,
+            msg.qos,
+            bool(msg.dup),
+        )
+        self._on_message(inbound, (self._generation, msg.mid) if msg.qos > 0 else None)

@@ -1,0 +1,126 @@
+"""The `energy-bridge` command line: check, config errors, the README's config reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from bridge.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3t-value-never-printed"
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    """Test that `check` shows the settings but never the broker password or AccessKey secret."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(f"mqtt:\n  username: plant\n  password: {SECRET}\n", encoding="utf-8")
+    result = _cli(
+        "check",
+        "--config",
+        str(config),
+        env={"ALIBABA_CLOUD_ACCESS_KEY_ID": "myid", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET},
+    )
+    assert 0 == result.returncode, result.stderr
+    doc = json.loads(result.stdout)
+    assert "****" == doc["settings"]["mqtt"]["password"]
+    assert "myid" in doc["credentials"]
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_sample_prints_the_push_body_with_exact_values() -> None:
+    """Test that `check --sample` shows the request body a message would become."""
+    result = _cli(
+        "check",
+        "--sample",
+        "meters/1/m-1/telemetry",
+        '{"ts": 1631097600, "Ua": 226.10, "F": 50.00}',
+    )
+    assert 0 == result.returncode, result.stderr
+    body = json.loads(result.stdout)["sample"]["push_bodies"][0]
+    assert {
+        "deviceType": "1",
+        "devices": [
+            {
+                "deviceId": "m-1",
+                "recordTime": "2021-09-08 18:40:00",
+                "data": {"Ua": "226.10", "F": "50.00"},
+            }
+        ],
+    } == body
+
+
+def test_check_sample_reports_the_reject_reason_and_fails() -> None:
+    """Test that a message that cannot be mapped gives its reason and a non-zero exit."""
+    result = _cli("check", "--sample", "meters/1/m-1/telemetry", "not json")
+    assert 1 == result.returncode
+    assert "bad_json" == json.loads(result.stdout)["sample"]["rejected"]["reason"]
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    """Test that `run` with a bad setting exits at once with a message naming the key."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("batch:\n  max_devices: lots\n", encoding="utf-8")
+    result = _cli("run", "--config", str(config))
+    assert 2 == result.returncode
+    assert "batch.max_devices" in result.stderr
+
+
+def test_bad_environment_override_names_the_key_and_variable() -> None:
+    """Test that a bad ENERGY_BRIDGE_* value is reported with its key and variable name."""
+    result = _cli("check", env={"ENERGY_BRIDGE_MQTT__PORT": "not-a-port"})
+    assert 2 == result.returncode
+    assert "mqtt.port" in result.stderr
+    assert "ENERGY_BRIDGE_MQTT__PORT" in result.stderr
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    """Test that ENERGY_BRIDGE_<SECTION>__<KEY> wins over the YAML file."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("mqtt:\n  port: 1999\n", encoding="utf-8")
+    result = _cli("check", "--config", str(config), env={"ENERGY_BRIDGE_MQTT__PORT": "1884"})
+    assert 1884 == json.loads(result.stdout)["settings"]["mqtt"]["port"]
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_readme_documents_every_setting() -> None:
+    """Test that the README's configuration reference lists every config key."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [key for key in _keys(Settings) if f"| `{key}` |" not in readme]
+    assert [] == missing
+
+
+def test_readme_starts_with_the_demo_and_test_commands() -> None:
+    """Test that the README's first commands are the demo and the test command CI runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_block = readme.split("```sh", 1)[1].split("```", 1)[0]
+    assert ["scripts/demo", "scripts/test"] == [
+        line.split()[0] for line in first_block.strip().splitlines()
+    ]
+    assert "exec scripts/test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
