@@ -2,7 +2,8 @@
 
 Filling the spool through the bridge with the cloud down takes as long as the ingest path
 needs for every reading; the ``spool`` scenario measures the other half (spool -> cloud), so it
-starts from a spool written here with :class:`bridge.spool.Spool` itself. Each reading is
+starts from a spool written here with :class:`bridge.spool.store.SpoolStore`
+itself. Each reading is
 exactly what the bridge's mapping makes of the load generator's payload: the same points with
 the same exact text, ``recordTime`` in the configured timezone.
 """
@@ -16,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from bench.loadgen import Workload
 from bridge.models import Reading
-from bridge.spool.store import Spool
+from bridge.spool.store import SpoolStore
 
 __all__ = ["fill_spool", "reading_of"]
 
@@ -51,7 +52,7 @@ def fill_spool(
     """
     started = time.monotonic()
     tz = ZoneInfo(timezone)
-    spool = Spool.open(path, max_bytes=max_bytes, synchronous="normal")
+    spool = SpoolStore.open(path, max_bytes=max_bytes, synchronous="normal")
     try:
         now = time.time()
         for start in range(0, workload.readings, _COMMIT_ROWS):

@@ -1,20 +1,21 @@
-"""The service: builds the stages, runs them in one TaskGroup, drains them in order.
+"""The service: builds the stages, runs them in one TaskGroup, stops them in reverse order.
 
 Stages and the data between them::
 
-    MqttSource --Inbound--> Ingest --(group commit)--> Spool
-                              |  ack after commit        |
-                              +--rows--> Feeder <--page--+
+    MqttSource --receive--> Ingest --(group commit)--> SpoolThread
+         ^                    |  ack after commit         |
+         +------ack-----------+--rows--> Feeder <--page---+
                                           | Batcher
                                           v
                                    queue[Batch] --> Pusher --signed POST--> cloud
                                                       |
-                                                      +--delete / dead-letter--> Spool
+                                                      +--delete / dead-letter--> SpoolThread
 
-Shutdown (SIGTERM/SIGINT): stop reading MQTT -> commit and ack what was received ->
-disconnect -> close open batches -> let queued and in-flight pushes finish within
-``shutdown_grace_secs`` -> commit completions -> close the spool. Whatever did not reach the
-cloud stays in the spool for the next start.
+Every stage has the same lifecycle (:mod:`bridge.stage`): built from the cloud end back to the
+broker, run together, stopped from the broker end on. Shutdown (SIGTERM/SIGINT): stop reading
+MQTT -> commit and ack what was received -> disconnect -> close open batches -> let queued and
+in-flight pushes finish within ``shutdown_grace_secs`` -> commit completions -> close the spool
+-> stop serving health. Whatever did not reach the cloud stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import contextlib
 import logging
 import signal
 import time
+from dataclasses import dataclass
 
 from bridge.config import Settings
 from bridge.credentials import CredentialsProvider
-from bridge.health import SPOOL_FULL, Health, HealthServer
+from bridge.health import Health, HealthServer
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import REASONS, Mapper
 from bridge.intake.mqtt import MqttSource
@@ -36,13 +38,31 @@ from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
 from bridge.push.feeder import Feeder
 from bridge.push.pusher import Pusher
-from bridge.spool.store import Spool
-from bridge.spool.thread import SpoolWriter
+from bridge.spool.store import SpoolStore
+from bridge.spool.thread import SpoolThread
+from bridge.stage import Stage
 from bridge.telemetry import Metrics
 
 __all__ = ["App"]
 
 log = logging.getLogger("bridge.app")
+
+
+@dataclass(slots=True)
+class _Pipeline:
+    """The stages of one running bridge, in the order data flows through them."""
+
+    source: MqttSource
+    ingest: Ingest
+    feeder: Feeder
+    pusher: Pusher
+    spool: SpoolThread
+    server: HealthServer
+
+    @property
+    def stop_order(self) -> list[Stage]:
+        """Broker end first: nothing new comes in while the rest finishes what it holds."""
+        return [self.ingest, self.source, self.feeder, self.pusher, self.spool, self.server]
 
 
 class App:
@@ -55,7 +75,6 @@ class App:
         self.credentials = CredentialsProvider(settings.cloud.credentials)
         self._stop = asyncio.Event()
         self._pusher: Pusher | None = None
-        self.http_port: int | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -69,29 +88,57 @@ class App:
             self._pusher.resume_now()
 
     async def run(self) -> None:
-        """Run until stopped; see the module docstring for the shutdown order."""
+        """Build the stages, run them until stopped, stop them (see the module docstring)."""
+        self._handle_signals()
         s = self.settings
-        loop = asyncio.get_running_loop()
-        for sig, handler in (
-            (signal.SIGTERM, self.stop),
-            (signal.SIGINT, self.stop),
-            (signal.SIGHUP, self.reload),
-        ):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, handler)
+        async with self._push_client() as client:
+            pipeline = await self._build(client)
+            self._pusher = pipeline.pusher
+            self._log_start()
+            async with asyncio.TaskGroup() as tg:
+                tasks = {
+                    stage: tg.create_task(stage.run(), name=type(stage).__name__)
+                    for stage in pipeline.stop_order
+                }
+                await self._stop.wait()
+                log.info("shutting down", extra={"grace_secs": s.shutdown_grace_secs})
+                deadline = time.monotonic() + s.shutdown_grace_secs
+                # Stop reading first, so the source's inbox is all ingest has left to commit.
+                pipeline.source.pause()
+                for stage in pipeline.stop_order:
+                    # Ingest gets at least a second to commit and ack what already arrived.
+                    floor = 1.0 if stage is pipeline.ingest else 0.0
+                    await stage.stop(max(deadline, time.monotonic() + floor))
+                    tasks[stage].cancel()
+        log.info("energy-bridge stopped")
 
-        spool = await asyncio.to_thread(
-            Spool.open,
+    async def _build(self, client: PushClient) -> _Pipeline:
+        """The stages, from the cloud end back to the broker (each needs the next one)."""
+        s = self.settings
+        store = await asyncio.to_thread(
+            SpoolStore.open,
             s.spool.path,
             max_bytes=s.spool.max_bytes,
             synchronous=s.spool.synchronous.value,
             dead_letter_max_bytes=s.spool.dead_letter_max_bytes,
         )
-        self.metrics.spool_max_bytes.set(s.spool.max_bytes)
-        writer = SpoolWriter(spool, self.metrics)
-        mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
-        self.metrics.precreate(routes=[r.topic for r in s.routes], reasons=REASONS)
+        server = HealthServer(
+            host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
+        )
+        await server.start()
+        spool = SpoolThread(store, self.metrics, self.health)
         queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * s.cloud.max_in_flight))
+        pusher = Pusher(
+            queue=queue,
+            send=client.push,
+            spool=spool,
+            metrics=self.metrics,
+            health=self.health,
+            max_in_flight=s.cloud.max_in_flight,
+            retry_initial=s.cloud.retry_initial_secs,
+            retry_max=s.cloud.retry_max_secs,
+            on_credentials_problem=self.credentials.reload,
+        )
         batcher = Batcher(
             max_devices=s.batch.max_devices,
             max_bytes=s.batch.max_bytes,
@@ -105,39 +152,54 @@ class App:
             ),
             clock=time.time,
         )
-        feeder = Feeder(writer=writer, batcher=batcher, queue=queue)
-        ingest: Ingest | None = None
-
-        def on_message(inbound: object, token: object) -> None:
-            assert ingest is not None  # noqa: S101
-            ingest.on_message(inbound, token)  # type: ignore[arg-type]
-
-        source = MqttSource(s.mqtt, mapper.subscriptions, on_message, self.metrics, self.health)
+        feeder = Feeder(spool=spool, batcher=batcher, queue=queue)
+        mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
+        self.metrics.precreate(routes=[r.topic for r in s.routes], reasons=REASONS)
+        source = MqttSource(s.mqtt, mapper.subscriptions, self.metrics, self.health)
         ingest = Ingest(
             mapper=mapper,
-            writer=writer,
+            spool=spool,
             feeder=feeder,
-            ack=source.ack,
-            pause=source.pause,
-            resume=source.resume,
+            source=source,
             metrics=self.metrics,
-            health=self.health,
             commit_max=s.spool.commit_max_rows,
             # The broker should never send more than receive_maximum unacknowledged, but
             # mosquitto 2.0 does when it resumes a session with a queued backlog (measured:
             # 16,000 in flight at 4,096): stop reading the socket past this many.
             high_water=max(1_000, 2 * s.mqtt.receive_maximum),
+            silent_after_secs=s.metrics.device_silent_after_secs,
             max_tracked_devices=s.metrics.max_tracked_devices,
         )
+        return _Pipeline(source, ingest, feeder, pusher, spool, server)
+
+    def _push_client(self) -> PushClient:
+        s = self.settings.cloud
+        return PushClient(
+            endpoint=s.endpoint,
+            credentials=self.credentials,
+            user_agent=s.user_agent,
+            timeout_secs=s.request_timeout_secs,
+            connect_timeout_secs=s.connect_timeout_secs,
+            verify_tls=s.verify_tls,
+            max_connections=s.max_in_flight,
+        )
+
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self.reload),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+
+    def _log_start(self) -> None:
+        s = self.settings
         if s.mqtt.tls.enabled and s.mqtt.tls.insecure:
             log.warning("INSECURE: mqtt.tls.insecure is on, the broker is not verified")
         if not s.cloud.verify_tls:
             log.warning("INSECURE: cloud.verify_tls is off, the cloud endpoint is not verified")
-        server = HealthServer(
-            host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
-        )
-        await server.start()
-        self.http_port = server.bound_port
         log.info(
             "energy-bridge started",
             extra={
@@ -147,95 +209,3 @@ class App:
                 "routes": [r.topic for r in s.routes],
             },
         )
-        async with PushClient(
-            endpoint=s.cloud.endpoint,
-            credentials=self.credentials,
-            user_agent=s.cloud.user_agent,
-            timeout_secs=s.cloud.request_timeout_secs,
-            connect_timeout_secs=s.cloud.connect_timeout_secs,
-            verify_tls=s.cloud.verify_tls,
-            max_connections=s.cloud.max_in_flight,
-        ) as client:
-            pusher = Pusher(
-                queue=queue,
-                send=client.push,
-                writer=writer,
-                metrics=self.metrics,
-                health=self.health,
-                max_in_flight=s.cloud.max_in_flight,
-                max_bytes=s.batch.max_bytes,
-                retry_initial=s.cloud.retry_initial_secs,
-                retry_max=s.cloud.retry_max_secs,
-                on_credentials_problem=self.credentials.reload,
-            )
-            self._pusher = pusher
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    t_writer = tg.create_task(writer.run(), name="spool-writer")
-                    t_ingest = tg.create_task(ingest.run(), name="ingest")
-                    t_feeder = tg.create_task(feeder.run(), name="feeder")
-                    t_pusher = tg.create_task(pusher.run(), name="pusher")
-                    t_source = tg.create_task(source.run(), name="mqtt-source")
-                    t_stats = tg.create_task(self._stats_loop(writer, ingest, feeder), name="stats")
-                    await self._stop.wait()
-                    log.info("shutting down", extra={"grace_secs": s.shutdown_grace_secs})
-                    deadline = time.monotonic() + s.shutdown_grace_secs
-                    # 1. stop taking messages; commit and ack what arrived (bounded: a full
-                    #    spool leaves them unacknowledged, with the broker)
-                    source.pause()
-                    ingest.stop()
-                    await asyncio.wait({t_ingest}, timeout=max(1.0, s.shutdown_grace_secs))
-                    t_ingest.cancel()
-                    await source.stop()
-                    t_source.cancel()
-                    # 2. close open batches into the queue; 3. let queued and in-flight
-                    #    pushes finish. Both within the grace period: with the cloud down the
-                    #    queue never drains, and every reading is in the spool anyway.
-                    feeder.stop()
-                    await asyncio.wait({t_feeder}, timeout=max(0.0, deadline - time.monotonic()))
-                    t_feeder.cancel()
-                    while not pusher.idle and time.monotonic() < deadline:  # noqa: ASYNC110
-                        await asyncio.sleep(0.05)  # polling a condition of several stages
-                    if not pusher.idle:
-                        log.warning("grace period over; undelivered readings stay in the spool")
-                    t_pusher.cancel()
-                    t_stats.cancel()
-                    # 4. commit the completions, then the writer returns
-                    writer.close()
-                    await t_writer
-            finally:
-                await server.stop()
-                await asyncio.to_thread(writer.shutdown)
-        log.info("energy-bridge stopped")
-
-    async def _stats_loop(self, writer: SpoolWriter, ingest: Ingest, feeder: Feeder) -> None:
-        m = self.metrics
-        silent_after = self.settings.metrics.device_silent_after_secs
-        while True:
-            self.health.last_loop_tick = time.monotonic()
-            now = time.time()
-            m.devices_seen.set(len(ingest.last_seen))
-            m.devices_silent.set(ingest.silent_devices(silent_after, now))
-            try:
-                stats = await writer.stats()
-            except Exception:
-                log.exception("spool stats failed")
-            else:
-                if stats.last_id > writer.last_id:
-                    writer.last_id = stats.last_id
-                    feeder.notice_rows(stats.last_id)
-                m.spool_readings.set(stats.readings)
-                m.spool_bytes.set(stats.used_bytes)
-                m.dead_letters.set(stats.dead_letters)
-                m.spool_oldest_age.set(
-                    0
-                    if stats.oldest_received_at is None
-                    else max(0.0, time.time() - stats.oldest_received_at)
-                )
-                if stats.full:
-                    m.spool_full.set(1)
-                    self.health.set("spool", SPOOL_FULL)
-                elif writer.full_reason is None and "spool" in self.health.problems:
-                    self.health.set("spool", None)
-                    m.spool_full.set(0)
-            await asyncio.sleep(1.0)

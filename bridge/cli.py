@@ -77,13 +77,17 @@ def _check(args: argparse.Namespace) -> int:
             out["sample"] = {"rejected": {"reason": exc.reason, "detail": exc.detail}}
             status = 1
         else:
-            from bridge.push.batching import build_body, serialize_entry  # noqa: PLC0415
+            from bridge.models import (  # noqa: PLC0415
+                NO_DEVICE_ID_TYPES,
+                build_body,
+                serialize_entry,
+            )
 
             bodies: dict[str, list[bytes]] = {}
             for r in readings:
-                device_id = None if r.device_type in {"15", "16"} else r.device_id
+                device_id = None if r.device_type in NO_DEVICE_ID_TYPES else r.device_id
                 bodies.setdefault(r.device_type, []).append(
-                    serialize_entry(device_id, r.record_time, r.data)
+                    serialize_entry(device_id, r.record_time, r.data_json)
                 )
             out["sample"] = {
                 "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()]

@@ -46,7 +46,6 @@ class CredentialsProvider:
         self._settings = settings
         self._current: Credentials | None = None
         self._chain: Any = None
-        self.problem: str | None = None
 
     @property
     def source(self) -> str:
@@ -66,12 +65,7 @@ class CredentialsProvider:
         if self._settings.source is CredentialsSource.CHAIN:
             return await asyncio.to_thread(self._from_chain)
         if self._current is None:
-            try:
-                self._current = self._load()
-                self.problem = None
-            except CredentialsError as exc:
-                self.problem = str(exc)
-                raise
+            self._current = self._load()
         return self._current
 
     def describe(self) -> str:
@@ -116,15 +110,16 @@ class CredentialsProvider:
                     Client,
                 )
             except ImportError:
-                self.problem = "source 'chain' needs: pip install 'energy-bridge[alibaba]'"
-                raise CredentialsError(self.problem) from None
+                raise CredentialsError(
+                    "source 'chain' needs: pip install 'energy-bridge[alibaba]'"
+                ) from None
             self._chain = Client()
         try:
             cred = self._chain.get_credential()
         except Exception as exc:  # noqa: BLE001 - vendor raises anything; keep the type only
-            self.problem = f"alibabacloud-credentials chain failed: {type(exc).__name__}"
-            raise CredentialsError(self.problem) from None
-        self.problem = None
+            raise CredentialsError(
+                f"alibabacloud-credentials chain failed: {type(exc).__name__}"
+            ) from None
         return Credentials(
             cred.get_access_key_id(), cred.get_access_key_secret(), cred.get_security_token()
         )

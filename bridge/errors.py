@@ -7,8 +7,11 @@
     ├── MappingError              a message that cannot become readings; carries a reason code
     ├── SpoolError                the local spool cannot do what was asked
     │   └── SpoolFullError        spool.max_bytes reached or the disk is full
-    ├── CredentialsError          no usable AccessKey / STS credentials
-    └── PushError                 a PushDeviceData call did not end in "success"
+    └── CredentialsError          no usable AccessKey / STS credentials
+
+A push that does not end in ``"success"`` is not an exception: the push client returns a
+:class:`~bridge.push.client.PushResult` (the cloud's code beside a typed
+:class:`~bridge.push.retry.Failure`) and :func:`~bridge.push.retry.classify` decides.
 
 Every exception carries its context as attributes, never secrets, and chains its
 cause with ``raise ... from exc``.
@@ -21,7 +24,6 @@ __all__ = [
     "ConfigError",
     "CredentialsError",
     "MappingError",
-    "PushError",
     "SpoolError",
     "SpoolFullError",
 ]
@@ -68,29 +70,3 @@ class SpoolFullError(SpoolError):
 
 class CredentialsError(BridgeError):
     """No usable credentials could be loaded (the message never contains a secret)."""
-
-
-class PushError(BridgeError):
-    """A push did not succeed.
-
-    Attributes:
-        code: the gateway's ``Code`` (or a synthetic one such as ``Timeout``), may be ``""``.
-        status: the HTTP status, or 0 when no response arrived.
-        request_id: the service's request id when known.
-        retry_after: seconds the service asked us to wait (``x-acs-retry-after``), if any.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str = "",
-        status: int = 0,
-        request_id: str = "",
-        retry_after: float | None = None,
-    ) -> None:
-        self.code = code
-        self.status = status
-        self.request_id = request_id
-        self.retry_after = retry_after
-        super().__init__(message)

@@ -7,6 +7,7 @@ none reports a problem. Every transition is logged once, with its reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -58,7 +59,11 @@ class Health:
 
 
 class HealthServer:
-    """Serves health and metrics on ``host:port`` (loopback by default)."""
+    """Serves health and metrics on ``host:port`` (loopback by default).
+
+    A stage like the others: :meth:`start` binds (so a port in use fails the start), :meth:`run`
+    serves and ticks the liveness clock once a second, :meth:`stop` stops serving.
+    """
 
     def __init__(self, *, host: str, port: int, health: Health, metrics: Metrics) -> None:
         self._host = host
@@ -66,7 +71,7 @@ class HealthServer:
         self._health = health
         self._metrics = metrics
         self._runner: web.AppRunner | None = None
-        self.bound_port: int | None = None
+        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Bind and start serving."""
@@ -80,14 +85,22 @@ class HealthServer:
         await site.start()
         server: Any = site._server
         sockets = getattr(server, "sockets", None)
-        if sockets:
-            self.bound_port = int(sockets[0].getsockname()[1])
-        log.info("http listening", extra={"listen": f"{self._host}:{self.bound_port}"})
+        port = int(sockets[0].getsockname()[1]) if sockets else self._port
+        log.info("http listening", extra={"listen": f"{self._host}:{port}"})
 
-    async def stop(self) -> None:
-        """Stop serving."""
+    async def run(self) -> None:
+        """Serve until stopped; tick the liveness clock (``/healthz``) once a second."""
+        while not self._stopped.is_set():
+            self._health.last_loop_tick = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), 1.0)
+
+    async def stop(self, deadline: float) -> None:
+        """Stop serving (at once: there is nothing to finish)."""
+        self._stopped.set()
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         # The loop answered this request, so it is responsive; also report how late the

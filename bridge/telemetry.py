@@ -140,11 +140,15 @@ class Metrics:
         )
         self.dead_letters_evicted = Counter(
             "bridge_dead_letters_evicted_total",
-            "Oldest dead letters dropped to keep the dead-letter store within its budget",
+            "Oldest dead letters dropped to keep a source within its budget, by source",
+            ["source"],
             registry=r,
         )
         self.dead_letters = Gauge(
-            "bridge_dead_letters", "Entries in the dead-letter store", registry=r
+            "bridge_dead_letters",
+            "Entries in the dead-letter store, by source (mapping, cloud)",
+            ["source"],
+            registry=r,
         )
         # MQTT
         self.mqtt_connected = Gauge(
@@ -186,3 +190,6 @@ class Metrics:
             self.messages_rejected.labels(reason)
         for condition in ("mqtt", "spool", "cloud"):
             self.not_ready.labels(condition).set(0)
+        for source in ("mapping", "cloud"):
+            self.dead_letters.labels(source).set(0)
+            self.dead_letters_evicted.labels(source)

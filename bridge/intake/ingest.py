@@ -1,36 +1,64 @@
 """Ingest: MQTT message -> readings (or a reject) -> group commit -> ack -> feeder.
 
-``on_message`` runs on the event loop for every message: it maps the payload right away
-(pure and fast) and queues the outcome. The ingest task then commits whatever has queued up
-in ONE spool transaction, acknowledges those messages in the order they arrived, and hands the
-stored rows to the feeder. Nothing is acknowledged before its reading (or its dead letter) is
-on disk; when the spool is full nothing is acknowledged at all, so the broker keeps the rest.
+Two loops on the event loop. The receiving loop takes every message the source holds, maps
+each right away (pure and fast) and queues the outcome; the committing loop commits whatever
+has queued up in ONE spool transaction (on the spool's thread, so mapping goes on meanwhile),
+acknowledges those messages in the order they arrived, and hands the stored rows to the feeder.
+Nothing is acknowledged before its reading (or its dead letter) is on disk; when the spool is
+full nothing is acknowledged at all, so the broker keeps the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from bridge.errors import MappingError, SpoolError, SpoolFullError
-from bridge.health import SPOOL_FULL, Health
+from bridge.errors import MappingError, SpoolError
 from bridge.intake.mapping import Mapper
-from bridge.intake.mqtt import AckToken
+from bridge.intake.mqtt import AckToken, Received
 from bridge.logs import Throttled
 from bridge.models import Inbound, Reading
 from bridge.push.feeder import Feeder
 from bridge.spool.store import Reject
-from bridge.spool.thread import SpoolWriter
+from bridge.spool.thread import SpoolThread
+from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
-__all__ = ["Ingest"]
+__all__ = ["Ingest", "Source"]
 
 log = logging.getLogger("bridge.intake.ingest")
 
 _REJECT_PREVIEW = 120
 _OVERSIZED_KEPT = 1024
+
+
+class Source(Protocol):
+    """What ingest needs of the MQTT edge (:class:`bridge.intake.mqtt.MqttSource`)."""
+
+    async def receive(self) -> list[Received]:
+        """Every message received since the last call; waits for at least one."""
+        ...
+
+    def receive_nowait(self) -> list[Received]:
+        """Every message received since the last call (maybe none)."""
+        ...
+
+    def ack(self, tokens: Sequence[AckToken]) -> int:
+        """Acknowledge committed messages in the order received; returns how many were sent."""
+        ...
+
+    def pause(self) -> None:
+        """Stop reading messages (backpressure)."""
+        ...
+
+    def resume(self) -> None:
+        """Read messages again."""
+        ...
 
 
 @dataclass(slots=True)
@@ -45,37 +73,36 @@ class Ingest:
 
     Args:
         mapper: topic + payload -> readings.
-        writer: the spool.
+        spool: where readings and dead letters are committed.
         feeder: receives the stored rows.
-        ack: acknowledges committed messages (``MqttSource.ack``).
-        pause, resume: stop / restart reading the broker when too much is pending.
+        source: where messages come from; acknowledges the committed ones, and stops /
+            restarts reading the broker when too much is pending.
+        metrics: the intake counters and the device freshness gauges.
         commit_max: most messages per transaction.
         high_water: pending messages at which reading is paused.
+        silent_after_secs: a device that sent nothing for this long counts as silent.
+        max_tracked_devices: most devices whose last reading time is remembered.
     """
 
     def __init__(
         self,
         *,
         mapper: Mapper,
-        writer: SpoolWriter,
+        spool: SpoolThread,
         feeder: Feeder,
-        ack: Callable[[Sequence[AckToken]], int],
-        pause: Callable[[], None],
-        resume: Callable[[], None],
+        source: Source,
         metrics: Metrics,
-        health: Health,
         commit_max: int,
         high_water: int,
+        silent_after_secs: float = 300.0,
         max_tracked_devices: int = 100_000,
     ) -> None:
         self._mapper = mapper
-        self._writer = writer
+        self._spool = spool
         self._feeder = feeder
-        self._ack = ack
-        self._pause = pause
-        self._resume = resume
+        self._source = source
         self._metrics = metrics
-        self._health = health
+        self._silent_after = silent_after_secs
         self._commit_max = commit_max
         self._high_water = high_water
         self._pending: list[_Pending] = []
@@ -85,22 +112,28 @@ class Ingest:
         self._wake = asyncio.Event()
         self._paused = False
         self._stopping = False
+        self._finished = Finished()
+        self._receiver: asyncio.Task[None] | None = None
         self._reject_log = Throttled(log)
-        self._full_log = Throttled(log)
         self._received_counts: dict[str, int] = {}
+        self._next_freshness = 0.0
 
     def silent_devices(self, silent_after: float, now: float) -> int:
         """How many known devices sent nothing for ``silent_after`` seconds."""
         cutoff = now - silent_after
         return sum(1 for t in self.last_seen.values() if t < cutoff)
 
-    @property
-    def pending(self) -> int:
-        """Messages received but not yet committed."""
-        return len(self._pending)
+    def _take(self, received: list[Received]) -> None:
+        for inbound, token in received:
+            self._map_one(inbound, token)
+        if received:
+            self._wake.set()
+        if not self._paused and len(self._pending) >= self._high_water:
+            self._paused = True
+            self._source.pause()
 
-    def on_message(self, inbound: Inbound, token: AckToken | None) -> None:
-        """Map one message and queue it for the next commit (called on the event loop)."""
+    def _map_one(self, inbound: Inbound, token: AckToken | None) -> None:
+        """Map one message and queue it for the next commit."""
         # Counted here in plain ints and added to the metrics once per commit: a Prometheus
         # counter takes a lock on every inc(), too dear per message at these rates.
         route = self._mapper.route_of(inbound.topic)
@@ -126,68 +159,77 @@ class Ingest:
                 Reject(inbound.topic, payload, exc.reason, exc.detail, inbound.received_at),
             )
         self._pending.append(item)
-        self._wake.set()
-        if not self._paused and len(self._pending) >= self._high_water:
-            self._paused = True
-            self._pause()
 
-    def stop(self) -> None:
-        """Commit what is pending, then return from :meth:`run`."""
+    async def stop(self, deadline: float) -> None:
+        """Commit and acknowledge what is pending, then let :meth:`run` return.
+
+        Bounded by ``deadline``: a full spool leaves the rest unacknowledged, with the broker.
+        """
         self._stopping = True
+        if self._receiver is not None:
+            self._receiver.cancel()
         self._wake.set()
-
-    def _flush_counts(self) -> None:
-        counts, self._received_counts = self._received_counts, {}
-        for route, n in counts.items():
-            self._metrics.messages_received.labels(route).inc(n)
-        self._metrics.mqtt_unacked.set(len(self._pending))
+        await self._finished.wait(deadline)
 
     async def run(self) -> None:
-        """Commit pending messages in groups until stopped and drained."""
+        """Receive and commit messages until stopped, then commit what is left."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._receiver = tg.create_task(self._receive_loop(), name="ingest-receive")
+                await self._commit_loop()
+                self._receiver.cancel()
+        finally:
+            self._finished.set()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            self._take(await self._source.receive())
+
+    async def _commit_loop(self) -> None:
         while True:
             self._flush_counts()
+            if self._stopping:
+                # The source is paused: what it still holds is the last of it.
+                self._take(self._source.receive_nowait())
             if not self._pending:
                 if self._stopping:
                     return
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
                 continue
             chunk = self._pending[: self._commit_max]
             readings = [r for p in chunk for r in p.readings]
             rejects = [p.reject for p in chunk if p.reject is not None]
             try:
-                rows = await self._writer.put(readings, rejects)
-            except SpoolFullError as exc:
-                self._full_log.log(
-                    "full", logging.WARNING, "spool full, holding messages", {"detail": str(exc)}
-                )
-                self._health.set("spool", SPOOL_FULL)
-                self._metrics.spool_full.set(1)
-                if self._stopping:
-                    return  # unacked: the broker keeps them
-                await asyncio.sleep(1.0)
-                continue
-            except SpoolError as exc:
-                self._full_log.log(
-                    "error", logging.ERROR, "spool write failed, retrying", {"detail": str(exc)}
-                )
-                self._health.set("spool", "spool write failed (see the log)")
+                rows = await self._spool.put(readings, rejects)
+            except SpoolError:
+                # Full or failing: the spool reports it (readiness, metrics, log); the messages
+                # stay unacknowledged, with the broker, until a commit succeeds.
                 if self._stopping:
                     return
                 await asyncio.sleep(1.0)
                 continue
-            if "spool" in self._health.problems:
-                self._metrics.spool_full.set(0)
-                self._health.set("spool", None)
             del self._pending[: len(chunk)]
-            self._ack([p.token for p in chunk if p.token is not None])
+            self._source.ack([p.token for p in chunk if p.token is not None])
             self._metrics.readings_accepted.inc(len(rows))
             self._metrics.messages_accepted.inc(len(chunk) - len(rejects))
             self._metrics.mqtt_unacked.set(len(self._pending))
             self._feeder.offer(rows)
             if self._paused and len(self._pending) < self._high_water // 2:
                 self._paused = False
-                self._resume()
+                self._source.resume()
+
+    def _flush_counts(self) -> None:
+        counts, self._received_counts = self._received_counts, {}
+        for route, n in counts.items():
+            self._metrics.messages_received.labels(route).inc(n)
+        self._metrics.mqtt_unacked.set(len(self._pending))
+        now = time.monotonic()
+        if now >= self._next_freshness:
+            self._next_freshness = now + 1.0
+            self._metrics.devices_seen.set(len(self.last_seen))
+            self._metrics.devices_silent.set(self.silent_devices(self._silent_after, time.time()))
 
     def _log_reject(self, inbound: Inbound, exc: MappingError) -> None:
         self._reject_log.log(

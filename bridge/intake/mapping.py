@@ -57,7 +57,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bridge.config import PayloadFormat, Route
 from bridge.errors import ConfigError, MappingError
-from bridge.models import Reading
+from bridge.models import NO_DEVICE_ID_TYPES, Reading
 
 __all__ = ["REASONS", "Mapper", "format_record_time", "parse_time"]
 
@@ -80,7 +80,6 @@ REASONS: Final[tuple[str, ...]] = (
 )
 
 # Types whose devices[] entries must omit deviceId (see the push API notes).
-_NO_DEVICE_ID_TYPES: Final = frozenset({"15", "16"})
 
 _MIN_TS: Final = 946_684_800  # 2000-01-01T00:00:00Z
 _MAX_TS: Final = 4_133_980_800  # 2101-01-01T00:00:00Z (exclusive)
@@ -392,7 +391,7 @@ class _Matcher:
         if self.type_index < 0:
             if not (self.fixed_type.isascii() and self.fixed_type.isdigit()):
                 raise ConfigError(f"{where}.device_type", "must be a string of digits, e.g. '1'")
-            if self.id_index < 0 and self.fixed_type not in _NO_DEVICE_ID_TYPES:
+            if self.id_index < 0 and self.fixed_type not in NO_DEVICE_ID_TYPES:
                 raise ConfigError(
                     f"{where}.topic",
                     f"device type {self.fixed_type} needs a deviceId: add a {{deviceId}} level",
@@ -567,7 +566,7 @@ class Mapper:
         else:
             device_type = matcher.fixed_type
         device_id: str | None = None
-        if device_type not in _NO_DEVICE_ID_TYPES:
+        if device_type not in NO_DEVICE_ID_TYPES:
             device_id = levels[matcher.id_index] if matcher.id_index >= 0 else ""
             if not device_id:
                 raise MappingError(

@@ -6,10 +6,12 @@ TCP/TLS connect runs in a worker thread; the socket callbacks paho makes from th
 to the loop with ``call_soon_threadsafe``.
 
 Delivery contract: subscriptions are QoS 1 on a persistent session (fixed client id, clean
-start off, session expiry); every message is handed to ``on_message`` with an ack token, and
-acknowledged only when the bridge calls :meth:`MqttSource.ack` after the spool commit. Tokens
-from an earlier connection are not acked (their message ids belong to a dead connection; the
-broker redelivers those messages).
+start off, session expiry); every message waits in the source's inbox with an ack token until
+the consumer takes it (:meth:`MqttSource.receive`), and is acknowledged only when the consumer
+calls :meth:`MqttSource.ack` after the spool commit. Tokens from an earlier connection are not
+acked (their message ids belong to a dead connection; the broker redelivers those messages).
+The source knows nothing of its consumer: messages flow out through ``receive``, acks and
+backpressure (``pause``/``resume``) come back in.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import threading
 import time
@@ -35,13 +36,17 @@ from bridge.config import MqttProtocol, MqttSettings
 from bridge.health import Health
 from bridge.logs import Throttled
 from bridge.models import Inbound
+from bridge.push.retry import backoff
+from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
-__all__ = ["AckToken", "MqttSource"]
+__all__ = ["AckToken", "MqttSource", "Received"]
 
 log = logging.getLogger("bridge.mqtt")
 
 AckToken = tuple[int, int]  # (connection generation, message id)
+Received = tuple[Inbound, AckToken | None]
+"""A message and its ack token (``None`` for QoS 0, which needs no ack)."""
 
 _READ_CHUNK = 256 * 1024
 _PACKETS_PER_WAKEUP = 2000
@@ -76,13 +81,11 @@ class _BufferedClient(paho.Client):
 
 
 class MqttSource:
-    """Keeps a persistent QoS 1 session on the broker and yields messages to ``on_message``.
+    """Keeps a persistent QoS 1 session on the broker; its messages wait for :meth:`receive`.
 
     Args:
         settings: the ``mqtt`` section.
         subscriptions: topic filters to subscribe to on every connect.
-        on_message: called on the event loop for each message with an ack token (``None``
-            for QoS 0, which needs no ack).
         metrics, health: observability.
     """
 
@@ -90,13 +93,14 @@ class MqttSource:
         self,
         settings: MqttSettings,
         subscriptions: Sequence[str],
-        on_message: Callable[[Inbound, AckToken | None], None],
         metrics: Metrics,
         health: Health,
     ) -> None:
         self._settings = settings
         self._subscriptions = list(subscriptions)
-        self._on_message = on_message
+        self._inbox: list[Received] = []
+        self._mail = asyncio.Event()
+        self._finished = Finished()
         self._metrics = metrics
         self._health = health
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,6 +142,18 @@ class MqttSource:
             self._metrics.readings_redelivered.inc(len(tokens) - sent)
         return sent
 
+    async def receive(self) -> list[Received]:
+        """Every message received since the last call, oldest first; waits for at least one."""
+        while not self._inbox:
+            self._mail.clear()
+            await self._mail.wait()
+        return self.receive_nowait()
+
+    def receive_nowait(self) -> list[Received]:
+        """Every message received since the last call (maybe none)."""
+        taken, self._inbox = self._inbox, []
+        return taken
+
     def pause(self) -> None:
         """Stop reading the socket (backpressure); the broker's flow control holds the rest."""
         if not self._paused:
@@ -155,6 +171,12 @@ class MqttSource:
 
     async def run(self) -> None:
         """Connect, subscribe, and reconnect with capped full-jitter backoff until stopped."""
+        try:
+            await self._keep_connected()
+        finally:
+            self._finished.set()
+
+    async def _keep_connected(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         misc = asyncio.create_task(self._misc_loop(), name="mqtt-misc")
@@ -170,12 +192,10 @@ class MqttSource:
                     problem = "connection lost"
                 self._health.set("mqtt", f"broker {self._where}: {problem}")
                 attempt += 1
-                delay = random.uniform(
-                    0,
-                    min(
-                        self._settings.reconnect_max_secs,
-                        self._settings.reconnect_min_secs * 2 ** min(attempt - 1, 20),
-                    ),
+                delay = backoff(
+                    attempt,
+                    initial=self._settings.reconnect_min_secs,
+                    cap=self._settings.reconnect_max_secs,
                 )
                 self._reconnect_log.log(
                     problem,
@@ -189,8 +209,12 @@ class MqttSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await misc
 
-    async def stop(self) -> None:
-        """Disconnect cleanly (unacknowledged messages stay with the broker)."""
+    async def stop(self, deadline: float) -> None:
+        """Disconnect cleanly (unacknowledged messages stay with the broker) and end :meth:`run`.
+
+        The disconnect gets at least two seconds, whatever ``deadline`` says: it is what tells
+        the broker the session is ours again next time.
+        """
         self._stopping = True
         if self._connected.is_set():
             self._client.disconnect()
@@ -198,6 +222,7 @@ class MqttSource:
                 await asyncio.wait_for(self._disconnected.wait(), 2.0)
         self._close_socket()
         self._disconnected.set()
+        await self._finished.wait(max(deadline, time.monotonic() + 2.0))
 
     # -- connection -------------------------------------------------------------------------
 
@@ -428,4 +453,5 @@ class MqttSource:
             msg.qos,
             bool(msg.dup),
         )
-        self._on_message(inbound, (self._generation, msg.mid) if msg.qos > 0 else None)
+        self._inbox.append((inbound, (self._generation, msg.mid) if msg.qos > 0 else None))
+        self._mail.set()

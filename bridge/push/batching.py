@@ -4,7 +4,8 @@ Readings enter in spool order. Each goes to the open batch of its (deviceType, r
 window); readings of the same device at the same recordTime merge into one ``devices[]`` entry
 (later values win per point). A batch is closed when it reaches ``max_devices`` entries or about
 ``max_bytes`` of body, ``linger_secs`` after its first reading, under memory pressure, or on
-shutdown. Closing serializes every entry exactly once; the body is those bytes joined.
+shutdown. Closing builds every entry once, from the points' JSON text each reading already
+carries (re-serialized only where readings merged); the body is those bytes joined.
 """
 
 from __future__ import annotations
@@ -12,50 +13,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import orjson
+from bridge.models import (
+    NO_DEVICE_ID_TYPES,
+    Batch,
+    BatchKey,
+    Reading,
+    SpooledReading,
+    build_body,
+    compact_json,
+    serialize_entry,
+)
 
-from bridge.models import Batch, BatchKey, SpooledReading
+__all__ = ["Batcher", "split_entries"]
 
-__all__ = ["Batcher", "build_body", "compact_json", "serialize_entry", "split_entries"]
-
-# deviceId is omitted for these device types (API reference).
-_NO_DEVICE_ID = frozenset({"15", "16"})
 # Bytes of JSON around the values of one entry: {"deviceId":"","recordTime":"","data":{}} etc.
 _ENTRY_OVERHEAD = 48
-
-
-def compact_json(obj: object) -> bytes:
-    """``orjson.dumps`` into an exactly sized ``bytes``.
-
-    orjson (3.13) hands back a bytes object that keeps a 4 KiB allocation whatever its length;
-    serialized entries live as long as their batch, so each is copied once into a block of its
-    own size (measured: ~4,100 -> ~190 bytes of memory per entry).
-    """
-    return bytes(memoryview(orjson.dumps(obj)))
-
-
-def serialize_entry(device_id: str | None, record_time: str, data: dict[str, str]) -> bytes:
-    """One ``devices[]`` entry as JSON bytes (deviceId omitted when ``None``)."""
-    if device_id is None:
-        return compact_json({"recordTime": record_time, "data": data})
-    return compact_json({"deviceId": device_id, "recordTime": record_time, "data": data})
-
-
-def build_body(device_type: str, entries: list[bytes]) -> bytes:
-    """The request body for ``entries``: ``{"deviceType": ..., "devices": [...]}``."""
-    return b"".join(
-        (b'{"deviceType":', orjson.dumps(device_type), b',"devices":[', b",".join(entries), b"]}")
-    )
 
 
 @dataclass(slots=True)
 class _Entry:
     device_id: str | None
-    record_time: str
-    data: dict[str, str]
+    first: Reading
     rids: list[int]
     received_ats: list[float]
     size: int
+    merged: dict[str, str] | None = None
+    """The points of every reading merged so far (later values win); ``None`` while the entry
+    holds one reading, whose JSON text is then sent as it is."""
+
+    def merge(self, reading: Reading) -> None:
+        if self.merged is None:
+            self.merged = dict(self.first.data)
+        self.merged.update(reading.data)
+
+    def serialize(self) -> bytes:
+        data_json = self.first.data_json if self.merged is None else compact_json(self.merged)
+        return serialize_entry(self.device_id, self.first.record_time, data_json)
 
 
 @dataclass(slots=True)
@@ -107,24 +100,19 @@ class Batcher:
             # Linger counts from the first reading's arrival, not from when it reached the
             # batcher: a backlog read back from the spool goes out at once.
             batch = self._open[key] = _Open(key, min(self._clock(), reading.received_at))
-        device_id = None if reading.device_type in _NO_DEVICE_ID else reading.device_id
+        device_id = None if reading.device_type in NO_DEVICE_ID_TYPES else reading.device_id
         ekey = (device_id, reading.record_time)
         entry = batch.entries.get(ekey)
-        # orjson is the cheapest exact measure of the points' JSON size (C, no Python loop).
-        added = len(orjson.dumps(reading.data))
+        # The points' JSON text is made once per reading (and kept: it is what is sent).
+        added = len(reading.data_json)
         if entry is None:
             size = _ENTRY_OVERHEAD + len(device_id or "") + len(reading.record_time) + added
             batch.entries[ekey] = _Entry(
-                device_id,
-                reading.record_time,
-                dict(reading.data),
-                [item.rid],
-                [reading.received_at],
-                size,
+                device_id, reading, [item.rid], [reading.received_at], size
             )
             batch.size += size + 1
         else:
-            entry.data.update(reading.data)
+            entry.merge(reading)
             entry.rids.append(item.rid)
             entry.received_ats.append(reading.received_at)
             # An upper bound: points overwritten by the merge are counted twice.
@@ -173,10 +161,7 @@ class Batcher:
         self.pending -= batch.readings
         return split_entries(
             key,
-            [
-                (serialize_entry(e.device_id, e.record_time, e.data), e.rids, e.received_ats)
-                for e in batch.entries.values()
-            ],
+            [(e.serialize(), e.rids, e.received_ats) for e in batch.entries.values()],
             self.max_bytes,
         )
 
@@ -209,13 +194,9 @@ def split_entries(
 
 
 def _make_batch(key: BatchKey, items: list[tuple[bytes, list[int], list[float]]]) -> Batch:
-    entries = [e for e, _, _ in items]
-    received = [t for _, _, ts in items for t in ts]
-    return Batch(
-        key=key,
-        body=build_body(key.device_type, entries),
-        entries=entries,
-        entry_rids=[rids for _, rids, _ in items],
-        oldest_received=min(received),
-        received_ats=received,
+    return Batch.of(
+        key,
+        [entry for entry, _, _ in items],
+        [rids for _, rids, _ in items],
+        [received for _, _, received in items],
     )

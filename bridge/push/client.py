@@ -16,6 +16,7 @@ import orjson
 
 from bridge.credentials import CredentialsProvider
 from bridge.errors import CredentialsError
+from bridge.push.retry import Failure
 from bridge.push.signing import PUSH_PATH, push_headers
 
 __all__ = ["PushClient", "PushResult"]
@@ -29,12 +30,13 @@ class PushResult:
 
     Attributes:
         status: HTTP status, 0 when no response arrived.
-        code: the error Code (``Timeout``/``ConnectionError``/``NoCredentials`` when synthetic).
+        code: the cloud's error ``Code``, ``""`` when it sent none (or did not answer).
         message: the service's Message, or a description of the local failure.
         request_id: the service's request id, if any.
         retry_after: seconds from ``x-acs-retry-after``, if sent.
         success: HTTP 2xx with ``"data": "success"``.
         elapsed: seconds the request took.
+        failure: why no answer arrived, ``None`` when one did.
     """
 
     status: int
@@ -44,6 +46,13 @@ class PushResult:
     retry_after: float | None
     success: bool
     elapsed: float
+    failure: Failure | None = None
+
+    @property
+    def label(self) -> str:
+        """What went wrong in one word, for metrics and logs: the cloud's code, else the
+        local failure, else the HTTP status."""
+        return self.code or (self.failure.value if self.failure else str(self.status))
 
 
 def _parse_answer(raw: bytes) -> tuple[bool, str, str, str]:
@@ -111,7 +120,6 @@ class PushClient:
             timeout=self._timeout,
             auto_decompress=True,
             skip_auto_headers=("User-Agent", "Content-Type"),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         return self
 
@@ -124,10 +132,14 @@ class PushClient:
         """Sign and send one body; never raises for HTTP or network failures."""
         assert self._session is not None, "use PushClient as an async context manager"  # noqa: S101
         started = time.monotonic()
+
+        def elapsed() -> float:
+            return time.monotonic() - started
+
         try:
             creds = await self._credentials.get()
         except CredentialsError as exc:
-            return PushResult(0, "NoCredentials", str(exc), "", None, False, 0.0)
+            return PushResult(0, "", str(exc), "", None, False, 0.0, Failure.NO_CREDENTIALS)
         headers = push_headers(
             host=self._host, body=body, credentials=creds, user_agent=self._user_agent
         )
@@ -138,13 +150,11 @@ class PushClient:
                 status = resp.status
         except TimeoutError:
             return PushResult(
-                0, "Timeout", "request timed out", "", None, False, time.monotonic() - started
+                0, "", "request timed out", "", None, False, elapsed(), Failure.TIMEOUT
             )
         except (aiohttp.ClientError, OSError) as exc:
             message = f"{type(exc).__name__}: {exc}"[:300]
-            return PushResult(
-                0, "ConnectionError", message, "", None, False, time.monotonic() - started
-            )
+            return PushResult(0, "", message, "", None, False, elapsed(), Failure.CONNECTION)
         except asyncio.CancelledError:
             raise
         success, code, message, request_id = _parse_answer(raw)

@@ -15,7 +15,8 @@ import time
 
 from bridge.models import Batch, SpooledReading
 from bridge.push.batching import Batcher
-from bridge.spool.thread import SpoolWriter
+from bridge.spool.thread import SpoolThread
+from bridge.stage import Finished
 
 __all__ = ["Feeder"]
 
@@ -26,7 +27,8 @@ class Feeder:
     """Pulls spooled readings into batches and queues the batches for the pusher.
 
     Args:
-        writer: the spool (for paging when behind).
+        spool: the spool (for paging when behind); it tells the feeder about rows another
+            process added (:meth:`notice_rows`).
         batcher: the pure batcher.
         queue: where closed batches go (bounded: the pusher's backlog).
         fetch_chunk: rows read from the spool per page.
@@ -35,12 +37,12 @@ class Feeder:
     def __init__(
         self,
         *,
-        writer: SpoolWriter,
+        spool: SpoolThread,
         batcher: Batcher,
         queue: asyncio.Queue[Batch],
         fetch_chunk: int = 5000,
     ) -> None:
-        self._writer = writer
+        self._spool = spool
         self._batcher = batcher
         self._queue = queue
         self._chunk = fetch_chunk
@@ -48,11 +50,13 @@ class Feeder:
         self._behind = True  # start by paging: the spool may hold readings from a last run
         # Readings left by an earlier run are a backlog: once they are all read back, their
         # last partial batches go out at once instead of lingering.
-        self._leftover_until: int | None = writer.last_id
+        self._leftover_until: int | None = spool.last_id
         self._inbox: list[SpooledReading] = []
         self._fetching = False  # a page read is under way: hand-overs would overlap it
         self._wake = asyncio.Event()
         self._stopping = False
+        self._finished = Finished()
+        spool.watch(self.notice_rows)
 
     def offer(self, rows: list[SpooledReading]) -> None:
         """Hand over freshly committed rows; ignored (left in the spool) when behind."""
@@ -78,23 +82,33 @@ class Feeder:
             self._behind = True
             self._wake.set()
 
-    def stop(self) -> None:
-        """Stop reading; :meth:`run` flushes open batches and returns."""
+    async def stop(self, deadline: float) -> None:
+        """Stop reading; wait until :meth:`run` has closed the open batches into the queue.
+
+        With the cloud down the queue may never have room for them: they stay in the spool.
+        """
         self._stopping = True
         self._wake.set()
+        await self._finished.wait(deadline)
 
     async def run(self) -> None:
         """Feed until stopped; then close every open batch into the queue."""
+        try:
+            await self._feed()
+        finally:
+            self._finished.set()
+
+    async def _feed(self) -> None:
         batcher = self._batcher
         while not self._stopping:
             if self._inbox:
                 rows, self._inbox = self._inbox, []
                 await self._add(rows)
             elif self._behind and not self._queue.full():
-                known = self._writer.last_id
+                known = self._spool.last_id
                 self._fetching = True
                 try:
-                    rows = await self._writer.fetch_after(self._cursor, self._chunk)
+                    rows = await self._spool.fetch_after(self._cursor, self._chunk)
                 finally:
                     self._fetching = False
                 if rows:
@@ -107,7 +121,7 @@ class Feeder:
                     self._leftover_until = None
                     for batch in batcher.flush():
                         await self._queue.put(batch)
-                if self._cursor >= self._writer.last_id:
+                if self._cursor >= self._spool.last_id:
                     self._behind = False
                 continue
             for batch in batcher.due():

@@ -1,6 +1,8 @@
 """The pusher: workers that deliver batches with bounded, adaptive concurrency.
 
 Per batch: flag its rows as sent, then attempt until the cloud gives a final answer.
+Completions (delete, dead-letter) are handed to the spool and never awaited here: they ride its
+next transaction, are retried until they commit, and are committed before shutdown ends.
 
 * success -> delete the rows;
 * transient / throttled -> back off (full jitter, honouring ``x-acs-retry-after``) and retry;
@@ -22,11 +24,11 @@ from collections.abc import Awaitable, Callable
 from bridge.health import Health
 from bridge.logs import Throttled
 from bridge.models import Batch
-from bridge.push.batching import split_entries
 from bridge.push.client import PushResult
-from bridge.push.retry import Outcome, backoff, classify
+from bridge.push.retry import Failure, Outcome, backoff, classify
 from bridge.spool.store import DeadLetter
-from bridge.spool.thread import SpoolWriter
+from bridge.spool.thread import SpoolThread
+from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
 __all__ = ["AdaptiveLimit", "Pusher"]
@@ -104,7 +106,7 @@ class Pusher:
     Args:
         queue: closed batches from the feeder.
         send: one signed attempt (``PushClient.push``).
-        writer: the spool, for completions.
+        spool: the spool, for completions.
         metrics, health: observability.
         max_in_flight: hard upper bound of concurrent requests.
         retry_initial, retry_max: backoff parameters, seconds.
@@ -116,11 +118,10 @@ class Pusher:
         *,
         queue: asyncio.Queue[Batch],
         send: Callable[[bytes], Awaitable[PushResult]],
-        writer: SpoolWriter,
+        spool: SpoolThread,
         metrics: Metrics,
         health: Health,
         max_in_flight: int,
-        max_bytes: int,
         retry_initial: float,
         retry_max: float,
         on_credentials_problem: Callable[[], None] = lambda: None,
@@ -128,11 +129,10 @@ class Pusher:
     ) -> None:
         self._queue = queue
         self._send = send
-        self._writer = writer
+        self._spool = spool
         self._metrics = metrics
         self._health = health
         self._max_in_flight = max_in_flight
-        self._max_bytes = max_bytes
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._on_credentials_problem = on_credentials_problem
@@ -140,6 +140,8 @@ class Pusher:
         self.limit = AdaptiveLimit(max_in_flight, metrics)
         self._pause = _Pause()
         self._busy = 0
+        self._workers: list[asyncio.Task[None]] = []
+        self._finished = Finished()
         self._failures_log = Throttled(log)
 
     def resume_now(self) -> None:
@@ -152,10 +154,29 @@ class Pusher:
         return self._busy == 0 and self._queue.empty()
 
     async def run(self) -> None:
-        """Run ``max_in_flight`` workers until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            for n in range(self._max_in_flight):
-                tg.create_task(self._worker(), name=f"push-worker-{n}")
+        """Run ``max_in_flight`` workers until stopped."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._workers = [
+                    tg.create_task(self._worker(), name=f"push-worker-{n}")
+                    for n in range(self._max_in_flight)
+                ]
+        finally:
+            self._finished.set()
+
+    async def stop(self, deadline: float) -> None:
+        """Let queued and in-flight batches finish until ``deadline``, then stop the workers.
+
+        What is not delivered by then stays in the spool for the next start.
+        """
+        with contextlib.suppress(TimeoutError):
+            # Every batch taken from the queue is marked done once final (or cancelled).
+            await asyncio.wait_for(self._queue.join(), max(0.0, deadline - time.monotonic()))
+        if not self.idle:
+            log.warning("grace period over; undelivered readings stay in the spool")
+        for worker in self._workers:
+            worker.cancel()
+        await self._finished.wait(time.monotonic() + 5.0)
 
     async def _worker(self) -> None:
         while True:
@@ -172,7 +193,7 @@ class Pusher:
         self._metrics.batch_bytes.observe(len(batch.body))
         # Not awaited: the flag rides the next spool transaction, and the worker goes on to
         # send. (A crash before that commit only makes a later resend go uncounted.)
-        self._writer.mark_sent(batch.rids).add_done_callback(self._count_redelivered)
+        self._spool.mark_sent(batch.rids).add_done_callback(self._count_redelivered)
         await self._attempt_until_final(batch)
 
     def _count_redelivered(self, done: asyncio.Future[int]) -> None:
@@ -188,11 +209,11 @@ class Pusher:
                 self._metrics.push_retries.inc()
             async with self.limit:
                 result = await self._send(batch.body)
-            outcome = classify(result.status, result.code, success_body=result.success)
-            self._metrics.push_requests.labels(
-                outcome.value, result.code or str(result.status)
-            ).inc()
-            if result.status or result.code == "Timeout":
+            outcome = classify(
+                result.status, result.code, success_body=result.success, failure=result.failure
+            )
+            self._metrics.push_requests.labels(outcome.value, result.label).inc()
+            if result.status or result.failure is Failure.TIMEOUT:
                 # Timeouts count: leaving them out would flatter the latency when the cloud is
                 # at its slowest.
                 self._metrics.push_latency.observe(result.elapsed)
@@ -203,10 +224,10 @@ class Pusher:
                 await self._isolate(batch, result)
                 return
             self._note_failure(outcome, result, batch)
-            if result.code == "Timeout":
+            if result.failure is Failure.TIMEOUT:
                 # The service may have stored it; the retry can be a duplicate.
                 self._metrics.readings_redelivered.inc(len(batch.rids))
-            if outcome is Outcome.RESIGN:
+            if outcome is Outcome.SIGN_AGAIN:
                 continue  # a fresh nonce and date come with every attempt
             if outcome is Outcome.THROTTLED:
                 self.limit.on_throttle()
@@ -240,10 +261,8 @@ class Pusher:
             # Recovered: the next failure of any kind deserves a line at once.
             self._failures_log.reset()
             self._health.set("cloud", None)
-        # Not awaited: the delete rides the next spool transaction (retried until it commits,
-        # and drained before shutdown), so the worker is free for the next batch at once.
         rids = batch.rids
-        self._writer.complete(delivered=rids)
+        self._spool.complete(delivered=rids)
         self._metrics.readings_delivered.inc(len(rids))
         now = time.time()
         observe = self._metrics.e2e_latency.observe
@@ -257,7 +276,7 @@ class Pusher:
                 DeadLetter(rid, result.code or "InvalidParameter", result.message[:500])
                 for rid in batch.rids
             ]
-            await self._writer.complete(dead=dead)
+            self._spool.complete(dead=dead)
             self._metrics.readings_dead_lettered.labels(result.code or "payload").inc(len(dead))
             log.error(
                 "entry refused by the cloud, dead-lettered",
@@ -279,18 +298,17 @@ class Pusher:
             parts = [(0, cut), (cut, batch.size)]
         for start, stop in parts:
             if start < stop:
-                await self._attempt_until_final(_slice(batch, start, stop, self._max_bytes))
+                await self._attempt_until_final(batch.slice(start, stop))
 
     def _note_failure(self, outcome: Outcome, result: PushResult, batch: Batch) -> None:
+        """Readiness and one throttled log line for a failed attempt."""
         if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
             # A stable reason (the code, not the message, which may quote a per-request
             # hash), so the transition is logged once; the details go to the failure log.
-            self._health.set(
-                "cloud", f"cloud refuses our {outcome.value}: {result.code or result.status}"
-            )
+            self._health.set("cloud", f"cloud refuses our {outcome.value}: {result.label}")
         # One log line per distinct problem per minute, not one per request.
         self._failures_log.log(
-            f"{outcome.value}|{result.code}|{result.status}",
+            f"{outcome.value}|{result.label}",
             logging.WARNING,
             "push failed, will retry",
             {
@@ -302,12 +320,3 @@ class Pusher:
                 "devices": batch.size,
             },
         )
-
-
-def _slice(batch: Batch, start: int, stop: int, max_bytes: int) -> Batch:
-    items = [
-        (batch.entries[i], batch.entry_rids[i], [batch.oldest_received]) for i in range(start, stop)
-    ]
-    (part,) = split_entries(batch.key, items, max_bytes=max(max_bytes, 1 << 30))
-    part.received_ats = [batch.oldest_received] * len(part.rids)
-    return part

@@ -9,7 +9,19 @@ from __future__ import annotations
 import random
 from enum import StrEnum
 
-__all__ = ["Outcome", "backoff", "classify"]
+__all__ = ["Failure", "Outcome", "backoff", "classify"]
+
+
+class Failure(StrEnum):
+    """Why an attempt got no answer from the cloud (beside the cloud's own codes, never mixed
+    with them)."""
+
+    TIMEOUT = "timeout"
+    """No complete answer within ``cloud.request_timeout_secs`` (the cloud may have stored it)."""
+    CONNECTION = "connection"
+    """The connection could not be made or broke."""
+    NO_CREDENTIALS = "no_credentials"
+    """No usable credentials to sign with."""
 
 
 class Outcome(StrEnum):
@@ -21,7 +33,7 @@ class Outcome(StrEnum):
     """Transient (5xx, timeout, reset, unexpected answer): retry with backoff, keep data."""
     THROTTLED = "throttled"
     """Rate limited: retry later honouring ``x-acs-retry-after``, lower concurrency."""
-    RESIGN = "resign"
+    SIGN_AGAIN = "sign_again"
     """Nonce reused: sign again with a fresh nonce and retry at once (counts as a bug signal)."""
     CLOCK = "clock"
     """Local clock too far off: keep data, retry slowly, not ready (fix NTP)."""
@@ -52,27 +64,34 @@ _CREDENTIALS = frozenset(
     }
 )
 _CONFIG = frozenset({"InvalidApi.NotFound", "InvalidProduct.NotFound", "InvalidProtocol.NeedSsl"})
-_TRANSIENT = frozenset({"ServiceUnavailable", "InternalError", "Timeout", "ConnectionError"})
+_TRANSIENT = frozenset({"ServiceUnavailable", "InternalError"})
 
 
-def classify(status: int, code: str, *, success_body: bool) -> Outcome:
+def classify(
+    status: int, code: str, *, success_body: bool, failure: Failure | None = None
+) -> Outcome:
     """Classify one push attempt.
 
     Args:
         status: the HTTP status, 0 when no response arrived (timeout, reset, refused).
-        code: the error ``Code`` from the body, ``""`` when absent.
+        code: the cloud's error ``Code`` from the body, ``""`` when absent.
         success_body: whether the body was a JSON object with ``"data": "success"``.
+        failure: why no answer arrived, when none did.
 
     Returns:
         The outcome to act on.
     """
+    if failure is Failure.NO_CREDENTIALS:
+        return Outcome.CREDENTIALS
+    if failure is not None:
+        return Outcome.RETRY
     if 200 <= status < 300 and success_body:
         return Outcome.SUCCESS
     if code:
         if code in _THROTTLING or code.startswith("Throttling"):
             return Outcome.THROTTLED
         if code == "SignatureNonceUsed":
-            return Outcome.RESIGN
+            return Outcome.SIGN_AGAIN
         if code.startswith("InvalidTimeStamp"):
             return Outcome.CLOCK
         if code in _CREDENTIALS or code.startswith(

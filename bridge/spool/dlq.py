@@ -3,7 +3,8 @@
 Dead letters live in the spool (table ``dead_letters``): messages that could not be mapped
 (source ``mapping``: topic, payload and reason) and readings the cloud refused for good (source
 ``cloud``: the reading and the cloud's code). Safe to run while the bridge runs: SQLite in WAL
-mode serialises the writers, and the bridge picks replayed readings up from the spool.
+mode serialises the writers, the bridge picks replayed readings up from the spool, and the
+dead-letter budgets are kept by the database itself (triggers), so they stay right.
 
 * ``list``    one JSON line per entry, newest first (filters: reason, source, topic, time);
 * ``show ID`` one entry in full, payload as text (or base64 when it is not UTF-8);
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import sqlite3
 import sys
 import time
 from datetime import datetime
@@ -26,18 +26,13 @@ from typing import Any
 
 import orjson
 
-from bridge.config import load_settings
+from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, MappingError
 from bridge.intake.mapping import Mapper
 from bridge.models import Reading
-from bridge.spool.store import Spool
+from bridge.spool.store import DeadLetterFilter, DeadLetterRow, SpoolStore
 
 __all__ = ["add_arguments", "run_from_args"]
-
-_COLUMNS = (
-    "id, at, source, reason, detail, topic, payload, device_type, device_id, record_time,"
-    " data, received_at"
-)
 
 
 def _when(text: str) -> float:
@@ -78,51 +73,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("id", type=int)
 
 
-def _where(args: argparse.Namespace) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    values: list[Any] = []
-    for column, value in (("reason", args.reason), ("source", args.source)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            values.append(value)
-    if args.topic is not None:
-        clauses.append("instr(topic, ?) > 0")
-        values.append(args.topic)
-    if args.since is not None:
-        clauses.append("at >= ?")
-        values.append(args.since)
-    if args.until is not None:
-        clauses.append("at < ?")
-        values.append(args.until)
-    if args.id:
-        clauses.append(f"id IN ({','.join('?' * len(args.id))})")
-        values.extend(args.id)
-    sql = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-    return sql, values
+def _filter(args: argparse.Namespace) -> DeadLetterFilter:
+    return DeadLetterFilter(
+        reason=args.reason,
+        source=args.source,
+        topic=args.topic,
+        since=args.since,
+        until=args.until,
+        ids=tuple(args.id or ()),
+        limit=args.limit,
+    )
 
 
-def _entry(row: sqlite3.Row, *, full: bool) -> dict[str, Any]:
-    doc = {
-        "id": row["id"],
-        "at": datetime.fromtimestamp(row["at"]).isoformat(timespec="seconds"),
-        "source": row["source"],
-        "reason": row["reason"],
-        "detail": row["detail"],
+def _entry(row: DeadLetterRow, *, full: bool) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": row.id,
+        "at": datetime.fromtimestamp(row.at).isoformat(timespec="seconds"),
+        "source": row.source,
+        "reason": row.reason,
+        "detail": row.detail,
     }
-    if row["source"] == "mapping":
-        doc["topic"] = row["topic"]
+    if row.source == "mapping":
+        doc["topic"] = row.topic
     else:
-        doc.update(deviceType=row["device_type"], deviceId=row["device_id"])
-        doc["recordTime"] = row["record_time"]
+        doc.update(deviceType=row.device_type, deviceId=row.device_id)
+        doc["recordTime"] = row.record_time
     if full:
-        payload = row["payload"]
-        if payload is not None:
+        if row.payload is not None:
             try:
-                doc["payload"] = bytes(payload).decode("utf-8")
+                doc["payload"] = row.payload.decode("utf-8")
             except UnicodeDecodeError:
-                doc["payload_base64"] = base64.b64encode(bytes(payload)).decode()
-        if row["data"] is not None:
-            doc["data"] = orjson.loads(row["data"])
+                doc["payload_base64"] = base64.b64encode(row.payload).decode()
+        if row.data is not None:
+            doc["data"] = orjson.loads(row.data)
     return doc
 
 
@@ -137,26 +120,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     path: Path = args.spool or settings.spool.path
     if not path.exists():
         raise ConfigError("spool.path", f"no spool at {path}")
-    spool = Spool.open(path, max_bytes=settings.spool.max_bytes)
-    conn = spool.connection
-    conn.row_factory = sqlite3.Row
+    spool = SpoolStore.open(path, max_bytes=settings.spool.max_bytes)
     try:
         if args.action == "show":
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM dead_letters WHERE id = ?",  # noqa: S608
-                (args.id,),
-            ).fetchone()
-            if row is None:
+            found = spool.dead_letters(DeadLetterFilter(ids=(args.id,)))
+            if not found:
                 sys.stderr.write(f"dlq: no dead letter {args.id}\n")
                 return 1
-            _print(_entry(row, full=True), pretty=True)
+            _print(_entry(found[0], full=True), pretty=True)
             return 0
-        where, values = _where(args)
-        limit = f" LIMIT {int(args.limit)}" if args.limit is not None else ""
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM dead_letters{where} ORDER BY id DESC{limit}",  # noqa: S608
-            values,
-        ).fetchall()
+        rows = spool.dead_letters(_filter(args))
         if args.action == "list":
             for row in rows:
                 _print(_entry(row, full=False))
@@ -165,48 +138,52 @@ def run_from_args(args: argparse.Namespace) -> int:
             if not args.yes:
                 sys.stderr.write(f"dlq: {len(rows)} entries match; add --yes to delete them\n")
                 return 1
-            ids = [row["id"] for row in rows]
-            spool.purge_dead_letters(ids)
-            _print({"purged": len(ids)})
+            spool.purge_dead_letters([row.id for row in rows])
+            _print({"purged": len(rows)})
             return 0
         return _replay(spool, settings, rows, dry_run=args.dry_run)
     finally:
         spool.close()
 
 
-def _replay(spool: Spool, settings: Any, rows: list[sqlite3.Row], *, dry_run: bool) -> int:
+def _replay(
+    spool: SpoolStore, settings: Settings, rows: list[DeadLetterRow], *, dry_run: bool
+) -> int:
     mapper = Mapper(
         settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
     )
     moved: list[tuple[int, list[Reading]]] = []
-    still: dict[str, int] = {}
+    still: list[tuple[int, str, str]] = []
     for row in rows:
-        if row["source"] == "cloud":
-            reading = Reading(
-                row["device_type"],
-                row["device_id"],
+        if row.source == "cloud":
+            reading = Reading.from_json(
+                row.device_type or "",
+                row.device_id,
                 0,
-                row["record_time"],
-                orjson.loads(row["data"]),
-                row["received_at"] or time.time(),
+                row.record_time or "",
+                row.data or b"{}",
+                row.received_at or time.time(),
             )
-            moved.append((row["id"], [reading]))
+            moved.append((row.id, [reading]))
             continue
         try:
             readings = mapper.map(
-                str(row["topic"]).encode(), bytes(row["payload"] or b""), row["received_at"]
+                (row.topic or "").encode(), row.payload or b"", row.received_at or time.time()
             )
         except MappingError as exc:
-            still[exc.reason] = still.get(exc.reason, 0) + 1
+            still.append((row.id, exc.reason, exc.detail))
             continue
-        moved.append((row["id"], readings))
-    if not dry_run and moved:
-        spool.replay_dead_letters(moved)
+        moved.append((row.id, readings))
+    if not dry_run and (moved or still):
+        spool.replay_dead_letters(moved, still)
+    reasons: dict[str, int] = {}
+    for _, reason, _ in still:
+        reasons[reason] = reasons.get(reason, 0) + 1
     _print(
         {
             "replayed": len(moved),
             "readings": sum(len(r) for _, r in moved),
-            "still_rejected": still,
+            "still_rejected": reasons,
             "dry_run": dry_run,
         }
     )

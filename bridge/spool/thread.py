@@ -1,15 +1,22 @@
-"""Group commit: many small spool requests from the event loop become few transactions.
+"""The spool stage: the one thread that touches the SQLite store, and group commit.
 
 Every spool call runs on one dedicated thread (SQLite connections are single-threaded and
 the GIL is released while SQLite works, so the loop keeps serving MQTT meanwhile). Requests
 made while a transaction runs wait for the next one, which is how commits group themselves
 under load without any timer.
+
+This stage is also the one owner of what the rest of the bridge knows about the spool: the
+last row id (and rows another process added), whether it can take readings (the ``spool``
+readiness condition and ``bridge_spool_full``) and every spool metric. It reads the store's
+state once a second, on its own thread, between transactions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +24,22 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from bridge.errors import SpoolError, SpoolFullError
+from bridge.health import SPOOL_FULL, Health
+from bridge.logs import Throttled
 from bridge.models import Reading, SpooledReading
-from bridge.spool.store import DeadLetter, Reject, Spool, SpoolStats
+from bridge.spool.store import Committed, DeadLetter, Reject, SpoolStats, SpoolStore
+from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
-__all__ = ["SpoolWriter"]
+__all__ = ["SpoolThread"]
 
 log = logging.getLogger("bridge.spool")
 T = TypeVar("T")
+
+_SPOOL_FAILED = "spool write failed (see the log)"
+_STOP_MARGIN_SECS = 10.0
+"""How long past the shutdown deadline completions may still take to commit: they are what
+keeps delivered readings from being sent again after the restart."""
 
 
 @dataclass(slots=True)
@@ -40,33 +55,60 @@ class _Work:
     delivered: list[int] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     marks: list[tuple[Sequence[int], asyncio.Future[int]]] = field(default_factory=list)
-    completion_futures: list[asyncio.Future[None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.puts or self.delivered or self.dead or self.marks)
 
+    def keep_completions(self, failed: _Work) -> None:
+        """Put the completions of a failed turn back in front (rows stay until deleted)."""
+        self.delivered[:0] = failed.delivered
+        self.dead[:0] = failed.dead
+
 
 @dataclass(slots=True)
 class _Result:
-    put_ids: list[list[int]] | None = None
+    committed: Committed | None = None
     put_error: SpoolError | None = None
     completion_error: SpoolError | None = None
-    already_sent: int = 0
 
 
-class SpoolWriter:
-    """Owns the spool thread; the only way the rest of the bridge touches the spool."""
+class SpoolThread:
+    """Owns the spool thread and the store; the only way the rest of the bridge touches it.
 
-    def __init__(self, spool: Spool, metrics: Metrics) -> None:
-        self.spool = spool
+    Args:
+        store: the opened store (closed by :meth:`stop`).
+        metrics, health: the spool's metrics and its readiness condition, written only here.
+        stats_interval: seconds between reads of the spool's size and counts.
+    """
+
+    def __init__(
+        self, store: SpoolStore, metrics: Metrics, health: Health, *, stats_interval: float = 1.0
+    ) -> None:
+        self._store = store
         self._metrics = metrics
+        self._health = health
+        self._stats_interval = stats_interval
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._work = _Work()
         self._wake = asyncio.Event()
+        self._closing = False
         self._closed = False
-        self.last_id = spool.last_id
-        self.full_reason: str | None = None
-        self._evicted_reported = 0
+        self._finished = Finished()
+        self._watchers: list[Callable[[int], None]] = []
+        self._problem: str | None = None
+        self._failure_log = Throttled(log)
+        metrics.spool_max_bytes.set(store.max_bytes)
+
+    # -- what the rest of the bridge may know -----------------------------------------------
+
+    @property
+    def last_id(self) -> int:
+        """The highest row id in the spool, as of the last transaction or stats read."""
+        return self._store.last_id
+
+    def watch(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(last_id)`` when rows appear that this bridge did not write."""
+        self._watchers.append(callback)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -75,23 +117,24 @@ class SpoolWriter:
     ) -> asyncio.Future[list[SpooledReading]]:
         """Store readings and dead letters; resolves with the stored rows once committed.
 
-        The future fails with :class:`SpoolFullError` when there is no room (nothing stored).
+        The future fails with :class:`SpoolFullError` when there is no room, or with
+        :class:`SpoolError` when the store failed (nothing stored either way).
         """
         fut: asyncio.Future[list[SpooledReading]] = asyncio.get_running_loop().create_future()
         self._work.puts.append(_Put(readings, rejects, fut))
         self._wake.set()
         return fut
 
-    def complete(
-        self, delivered: Sequence[int] = (), dead: Sequence[DeadLetter] = ()
-    ) -> asyncio.Future[None]:
-        """Delete delivered rows, move dead ones to the dead-letter table; retried until done."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def complete(self, delivered: Sequence[int] = (), dead: Sequence[DeadLetter] = ()) -> None:
+        """Delete delivered rows, move refused ones to the dead letters.
+
+        Nobody waits for this: completions ride the next transaction, are retried until they
+        commit, and are committed before :meth:`stop` returns. (A crash before that only means
+        the readings are sent again, and counted as redelivered.)
+        """
         self._work.delivered.extend(delivered)
         self._work.dead.extend(dead)
-        self._work.completion_futures.append(fut)
         self._wake.set()
-        return fut
 
     def mark_sent(self, rids: Sequence[int]) -> asyncio.Future[int]:
         """Flag rows as handed to the cloud; resolves with how many were flagged already."""
@@ -100,69 +143,79 @@ class SpoolWriter:
         self._wake.set()
         return fut
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Run a read-only spool call on the spool thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     async def fetch_after(self, after_id: int, limit: int) -> list[SpooledReading]:
         """Rows after ``after_id``, oldest first."""
-        return await self.call(lambda: self.spool.fetch_after(after_id, limit))
+        return await self._call(lambda: self._store.fetch_after(after_id, limit))
 
     async def stats(self) -> SpoolStats:
-        """Spool counts and size."""
-        return await self.call(self.spool.stats)
+        """Spool counts and size (read on the spool thread)."""
+        return await self._call(self._store.stats)
 
-    # -- the commit loop --------------------------------------------------------------------
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- the stage ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Commit pending work until :meth:`close`; one transaction per turn."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._work:
-                if self._closed:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            work, self._work = self._work, _Work()
-            started = time.perf_counter()
-            result = await loop.run_in_executor(self._executor, self._commit, work)
-            self._metrics.spool_commit_latency.observe(time.perf_counter() - started)
-            self._settle(work, result)
-            evicted = self.spool.dead_letters_evicted - self._evicted_reported
-            if evicted:
-                self._evicted_reported += evicted
-                self._metrics.dead_letters_evicted.inc(evicted)
-                log.warning(
-                    "dead-letter store over budget: oldest dropped", extra={"dropped": evicted}
-                )
-            if result.completion_error is not None:
-                # Keep the completions and try again shortly: rows stay until deleted.
-                self._work.delivered[:0] = work.delivered
-                self._work.dead[:0] = work.dead
-                self._work.completion_futures[:0] = work.completion_futures
-                log.error(
-                    "spool write failed, retrying", extra={"error": str(result.completion_error)}
-                )
-                await asyncio.sleep(1.0)
+        """Commit pending work, one transaction per turn, and read the stats between turns."""
+        try:
+            next_stats = 0.0
+            while True:
+                if time.monotonic() >= next_stats:
+                    await self._read_stats()
+                    next_stats = time.monotonic() + self._stats_interval
+                if not self._work:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), max(0.0, next_stats - time.monotonic())
+                        )
+                    continue
+                await self._commit_turn()
+        finally:
+            self._finished.set()
 
-    def close(self) -> None:
-        """Let :meth:`run` return once the pending work is committed."""
-        self._closed = True
+    async def stop(self, deadline: float) -> None:
+        """Commit what is pending (completions even a little past ``deadline``), then close."""
+        self._closing = True
         self._wake.set()
+        await self._finished.wait(deadline + _STOP_MARGIN_SECS)
+        if not self._closed:
+            self._closed = True
+            await asyncio.to_thread(self._close)
 
-    def shutdown(self) -> None:
-        """Stop the spool thread and close the database (after :meth:`run` returned)."""
-        self._executor.submit(self.spool.close).result()
+    def _close(self) -> None:
+        self._executor.submit(self._store.close).result()
         self._executor.shutdown(wait=True)
 
+    async def _commit_turn(self) -> None:
+        work, self._work = self._work, _Work()
+        started = time.perf_counter()
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._commit, work
+        )
+        self._metrics.spool_commit_latency.observe(time.perf_counter() - started)
+        self._settle(work, result)
+        if result.completion_error is not None:
+            # Rows stay until deleted: keep the completions and try again shortly.
+            self._work.keep_completions(work)
+            self._failure_log.log(
+                "completion",
+                logging.ERROR,
+                "spool write failed, retrying",
+                {"error": str(result.completion_error)},
+            )
+            await asyncio.sleep(1.0)
+
     def _commit(self, work: _Work) -> _Result:
-        readings: list[Reading] = [r for p in work.puts for r in p.readings]
-        rejects: list[Reject] = [j for p in work.puts for j in p.rejects]
+        readings = [r for p in work.puts for r in p.readings]
+        rejects = [j for p in work.puts for j in p.rejects]
         marks = [rid for rids, _ in work.marks for rid in rids]
         result = _Result()
         try:
-            ids, result.already_sent = self.spool.commit(
+            result.committed = self._store.commit(
                 readings, rejects, work.delivered, work.dead, marks
             )
         except SpoolError as exc:
@@ -171,50 +224,98 @@ class SpoolWriter:
                 result.completion_error = exc
                 return result
         else:
-            result.put_ids = _split_ids(ids, work.puts)
             return result
+        # The readings could not go in (full, or a broken store): the completions and marks
+        # must not wait for room, so they get a transaction of their own.
         if work.delivered or work.dead or marks:
             try:
-                _, result.already_sent = self.spool.commit([], [], work.delivered, work.dead, marks)
+                result.committed = self._store.commit([], [], work.delivered, work.dead, marks)
             except SpoolError as exc:
                 result.completion_error = exc
         return result
 
     def _settle(self, work: _Work, result: _Result) -> None:
+        committed = result.committed
         if work.puts:
-            if result.put_ids is not None:
+            if result.put_error is None and committed is not None:
                 self._metrics.spool_commits.inc()
-                for put, ids in zip(work.puts, result.put_ids, strict=True):
-                    if ids:
-                        self.last_id = ids[-1]
+                start = 0
+                for put in work.puts:
+                    ids = committed.ids[start : start + len(put.readings)]
+                    start += len(put.readings)
                     rows = [SpooledReading(i, r) for i, r in zip(ids, put.readings, strict=True)]
                     if not put.future.done():
                         put.future.set_result(rows)
-                if self.full_reason is not None:
-                    self.full_reason = None
+                self._set_problem(None)
             else:
                 error = result.put_error or SpoolError("spool write failed")
-                if isinstance(error, SpoolFullError):
-                    self.full_reason = str(error)
+                self._report_put_failure(error)
                 for put in work.puts:
                     if not put.future.done():
                         put.future.set_exception(error)
+        if committed is not None:
+            for source, evicted in committed.evicted.items():
+                if evicted:
+                    self._metrics.dead_letters_evicted.labels(source).inc(evicted)
+                    log.warning(
+                        "dead-letter store over budget: oldest dropped",
+                        extra={"source": source, "dropped": evicted},
+                    )
         if result.completion_error is None:
-            for fut in work.completion_futures:
-                if not fut.done():
-                    fut.set_result(None)
-            remaining = result.already_sent
+            remaining = committed.already_sent if committed is not None else 0
             for _rids, mark in work.marks:
                 if not mark.done():
                     # The count is per transaction; attribute it to the first waiter.
                     mark.set_result(remaining)
                     remaining = 0
 
+    def _report_put_failure(self, error: SpoolError) -> None:
+        if isinstance(error, SpoolFullError):
+            self._failure_log.log(
+                "full", logging.WARNING, "spool full, holding messages", {"detail": str(error)}
+            )
+            self._set_problem(SPOOL_FULL)
+        else:
+            self._failure_log.log(
+                "error", logging.ERROR, "spool write failed, retrying", {"detail": str(error)}
+            )
+            self._set_problem(_SPOOL_FAILED)
 
-def _split_ids(ids: list[int], puts: list[_Put]) -> list[list[int]]:
-    out: list[list[int]] = []
-    start = 0
-    for put in puts:
-        out.append(ids[start : start + len(put.readings)])
-        start += len(put.readings)
-    return out
+    def _set_problem(self, problem: str | None) -> None:
+        if problem == self._problem:
+            return
+        self._problem = problem
+        self._health.set("spool", problem)
+        self._metrics.spool_full.set(1 if problem == SPOOL_FULL else 0)
+
+    async def _read_stats(self) -> None:
+        before = self._store.last_id
+        try:
+            stats = await self._call(self._stats_after_refresh)
+        except SpoolError as exc:
+            self._failure_log.log("stats", logging.ERROR, "spool stats failed", {"error": str(exc)})
+            return
+        m = self._metrics
+        m.spool_readings.set(stats.readings)
+        m.spool_bytes.set(stats.used_bytes)
+        for source, entries in stats.dead_letters.items():
+            m.dead_letters.labels(source).set(entries)
+        m.spool_oldest_age.set(
+            0.0
+            if stats.oldest_received_at is None
+            else max(0.0, time.time() - stats.oldest_received_at)
+        )
+        if stats.full:
+            self._set_problem(SPOOL_FULL)
+        elif self._problem == SPOOL_FULL:
+            self._set_problem(None)
+        if stats.last_id > before:
+            for watcher in self._watchers:
+                watcher(stats.last_id)
+
+    def _stats_after_refresh(self) -> SpoolStats:
+        try:
+            self._store.refresh()
+            return self._store.stats()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool {self._store.path}: {exc}") from exc

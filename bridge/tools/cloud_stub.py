@@ -66,6 +66,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from bridge.models import NO_DEVICE_ID_TYPES
 from bridge.push.signing import (
     ACTION,
     DATE_FORMAT,
@@ -97,7 +98,6 @@ log = logging.getLogger(__name__)
 KEYS_ENV: Final = "ENERGY_BRIDGE_STUB_KEYS"
 DEFAULT_KEY: Final = Credentials("testid", "testsecret")
 
-_NO_DEVICE_ID_TYPES = frozenset({"15", "16"})
 _ALWAYS_SIGNED = frozenset(
     {
         "host",
@@ -677,7 +677,7 @@ def _validate_body(body: bytes) -> tuple[str, list[dict[str, Any]]]:
     devices = document["devices"]
     if not isinstance(devices, list) or not devices:
         raise _Reject(400, "InvalidParameter", "devices must be a non-empty list.")
-    without_id = device_type in _NO_DEVICE_ID_TYPES
+    without_id = device_type in NO_DEVICE_ID_TYPES
     good_times: set[str] = set()
     for index, entry in enumerate(devices):
         where = f"devices[{index}]"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bridge.models import Reading
-from bridge.spool.store import DeadLetter, Reject, Spool
+from bridge.spool.store import DeadLetter, Reject, SpoolStore
 from tests.support import BridgeFactory, StubProcess, wait_until
 
 
@@ -30,9 +30,9 @@ def _lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
 
 
 def _spool_with_dead_letters(tmp_path: Path) -> None:
-    spool = Spool.open(tmp_path / "spool.db", max_bytes=1 << 30)
+    spool = SpoolStore.open(tmp_path / "spool.db", max_bytes=1 << 30)
     reading = Reading("1", "m-1", 1631097600, "2021-09-08 18:40:00", {"Ua": "226.1"}, 1.0)
-    (rid,), _ = spool.commit([reading], [])
+    (rid,) = spool.commit([reading], []).ids
     spool.commit(
         [],
         [
@@ -78,11 +78,29 @@ def test_dlq_replay_maps_again_with_the_fixed_config(tmp_path: Path) -> None:
     assert {"replayed": 1, "readings": 1, "still_rejected": {"bad_json": 1}} == {
         k: summary[k] for k in ("replayed", "readings", "still_rejected")
     }
-    spool = Spool.open(tmp_path / "spool.db", max_bytes=1 << 30)
+    spool = SpoolStore.open(tmp_path / "spool.db", max_bytes=1 << 30)
     rows = spool.fetch_after(0, 10)
     assert [("m-3", {"Ua": "230.5"})] == [(r.reading.device_id, r.reading.data) for r in rows]
-    remaining = sorted(str(d["reason"]) for d in spool.dead_letters())
+    remaining = sorted(d.reason for d in spool.dead_letters())
     assert ["InvalidParameter", "bad_json"] == remaining
+
+
+def test_dlq_replay_writes_the_new_reason_of_an_entry_that_still_fails(tmp_path: Path) -> None:
+    """Test that an entry that still fails after a replay stays, with the reason it fails for
+    now (here: it had no route; with the route it is bad JSON)."""
+    spool = SpoolStore.open(tmp_path / "spool.db", max_bytes=1 << 30)
+    spool.commit([], [Reject(b"plant/m-4/data", b"{not json", "no_route", "no route", 4.0)])
+    spool.close()
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "routes:\n  - topic: 'plant/{deviceId}/data'\n    device_type: '1'\n", encoding="utf-8"
+    )
+
+    (summary,) = _lines(_dlq(tmp_path, "replay", config=config))
+
+    (entry,) = _lines(_dlq(tmp_path, "list"))
+    expected = ({"bad_json": 1}, "bad_json", "plant/m-4/data")
+    assert expected == (summary["still_rejected"], entry["reason"], entry["topic"])
 
 
 def test_dlq_replay_dry_run_changes_nothing(tmp_path: Path) -> None:
@@ -110,7 +128,7 @@ def test_dlq_replay_while_the_bridge_runs_delivers_the_fixed_message(
     """Test that a replay into a running bridge's spool reaches the cloud without a restart."""
     bridge = bridge_factory()
     spool_path = bridge.config_path.parent / "spool.db"
-    spool = Spool.open(spool_path, max_bytes=1 << 30)
+    spool = SpoolStore.open(spool_path, max_bytes=1 << 30)
     spool.commit(
         [], [Reject(b"plant/m-9/data", b'{"ts": 1631097600, "Ua": 230.5}', "no_route", "x", 3.0)]
     )

@@ -790,7 +790,7 @@ def test_push_the_cloud_stored_after_the_bridge_gave_up_arrives_twice_and_is_cou
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many(iter_telemetry(meter_ids(total), 1, START_TS))
     wait_until(
-        lambda: bridge.metric("bridge_push_requests_total", code="Timeout") >= 2,
+        lambda: bridge.metric("bridge_push_requests_total", code="timeout") >= 2,
         30,
         message="two timed-out attempts",
     )

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.models import Batch, BatchKey, Reading, SpooledReading
-from bridge.push.batching import Batcher, build_body, serialize_entry, split_entries
+from bridge.models import Batch, BatchKey, Reading, SpooledReading, build_body, serialize_entry
+from bridge.push.batching import Batcher, split_entries
 
 T0 = 1631097600  # 2021-09-08 18:40:00 in Asia/Shanghai; a multiple of 60
 START = 1000.0  # the fake monotonic clock's first reading
@@ -179,7 +179,7 @@ def test_batching_same_device_different_times_stay_separate() -> None:
 
 
 def test_batching_merged_entry_carries_every_received_at() -> None:
-    """Test that a batch keeps every merged reading's received_at and the oldest of them."""
+    """Test that a batch keeps every merged reading's received_at, per entry."""
     batcher = _batcher()
     _add_all(
         batcher,
@@ -192,8 +192,8 @@ def test_batching_merged_entry_carries_every_received_at() -> None:
 
     (batch,) = batcher.flush()
 
-    expected = ([50.0, 40.0, 60.0], 40.0)
-    assert expected == (batch.received_ats, batch.oldest_received)
+    expected = ([50.0, 40.0, 60.0], [[50.0, 40.0], [60.0]])
+    assert expected == (batch.received_ats, batch.entry_received)
 
 
 # -- flush triggers -------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_batching_split_entries_packs_in_order_up_to_max_bytes() -> None:
     """Test that split_entries fills each body up to exactly max_bytes, keeping entry order."""
     key = BatchKey("1", 7)
     entries = [
-        (serialize_entry(f"m{i}", "2021-09-08 18:40:00", {"P": "1"}), [i], [float(i)])
+        (serialize_entry(f"m{i}", "2021-09-08 18:40:00", b'{"P":"1"}'), [i], [float(i)])
         for i in range(1, 6)
     ]
     two = len(build_body("1", [entries[0][0], entries[1][0]]))
@@ -283,8 +283,8 @@ def test_batching_split_entries_packs_in_order_up_to_max_bytes() -> None:
 def test_batching_split_entries_oversized_entry_alone() -> None:
     """Test that split_entries gives an entry larger than max_bytes a batch of its own."""
     key = BatchKey("1", 7)
-    small = serialize_entry("m1", "2021-09-08 18:40:00", {"P": "1"})
-    big = serialize_entry("m2", "2021-09-08 18:40:00", {"P": "1" * 200})
+    small = serialize_entry("m1", "2021-09-08 18:40:00", b'{"P":"1"}')
+    big = serialize_entry("m2", "2021-09-08 18:40:00", orjson.dumps({"P": "1" * 200}))
     max_bytes = len(build_body("1", [small, small]))
 
     batches = split_entries(
@@ -564,8 +564,8 @@ def test_batching_build_body_with_no_entries() -> None:
 
 def test_batching_serialize_entry_omits_device_id_for_none() -> None:
     """Test that serialize_entry writes deviceId, recordTime, data in order, deviceId optional."""
-    with_id = serialize_entry("m1", "2021-09-08 18:40:00", {"P": "1"})
-    without = serialize_entry(None, "2021-09-08 18:40:00", {"P": "1"})
+    with_id = serialize_entry("m1", "2021-09-08 18:40:00", b'{"P":"1"}')
+    without = serialize_entry(None, "2021-09-08 18:40:00", b'{"P":"1"}')
 
     expected = (
         b'{"deviceId":"m1","recordTime":"2021-09-08 18:40:00","data":{"P":"1"}}',
@@ -579,16 +579,30 @@ def test_batching_serialize_entry_omits_device_id_for_none() -> None:
 
 def test_batching_batch_rids_and_size() -> None:
     """Test that Batch.rids flattens entry_rids in order and Batch.size counts entries."""
-    batch = Batch(
-        key=BatchKey("1", 1),
-        body=b"{}",
-        entries=[b"a", b"b"],
-        entry_rids=[[3, 1], [2]],
-        oldest_received=0.0,
-    )
+    batch = Batch.of(BatchKey("1", 1), [b"{}", b"{}"], [[3, 1], [2]], [[1.0, 2.0], [3.0]])
 
-    expected = ([3, 1, 2], 2, 0)
-    assert expected == (batch.rids, batch.size, batch.attempts)
+    expected = ([3, 1, 2], 2, [1.0, 2.0, 3.0])
+    assert expected == (batch.rids, batch.size, batch.received_ats)
+
+
+def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
+    """Test that a slice of a batch carries exactly its entries, row ids and arrival times, and
+    a body of just those entries (how a refused batch is split)."""
+    batcher = _batcher()
+    _add_all(
+        batcher,
+        [
+            _item(1, "m1", received_at=10.0),
+            _item(2, "m2", received_at=20.0),
+            _item(3, "m3", received_at=30.0),
+        ],
+    )
+    (batch,) = batcher.flush()
+
+    part = batch.slice(1, 3)
+
+    expected = ([2, 3], [20.0, 30.0], build_body("1", batch.entries[1:]))
+    assert expected == (part.rids, part.received_ats, part.body)
 
 
 def test_batching_batch_key_is_a_hashable_value() -> None:

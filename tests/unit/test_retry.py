@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from bridge.push.retry import Outcome, backoff, classify
+from bridge.push.retry import Failure, Outcome, backoff, classify
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,7 @@ from bridge.push.retry import Outcome, backoff, classify
         (500, "InternalError", False, Outcome.RETRY),
         (502, "", False, Outcome.RETRY),
         (0, "", False, Outcome.RETRY),
-        (400, "SignatureNonceUsed", False, Outcome.RESIGN),
+        (400, "SignatureNonceUsed", False, Outcome.SIGN_AGAIN),
         (400, "InvalidTimeStamp.Expired", False, Outcome.CLOCK),
         (400, "SignatureDoesNotMatch", False, Outcome.CREDENTIALS),
         (400, "IncompleteSignature", False, Outcome.CREDENTIALS),
@@ -52,8 +52,22 @@ def test_classify_follows_the_code_table(
 
 
 def test_classify_200_with_success_body_but_error_code_is_success() -> None:
-    """Test that a 2xx answer with data == success counts as accepted."""
-    assert Outcome.SUCCESS == classify(200, "", success_body=True)
+    """Test that a 2xx answer with data == success counts as accepted, whatever Code it has."""
+    assert Outcome.SUCCESS == classify(200, "InvalidParameter", success_body=True)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (Failure.TIMEOUT, Outcome.RETRY),
+        (Failure.CONNECTION, Outcome.RETRY),
+        (Failure.NO_CREDENTIALS, Outcome.CREDENTIALS),
+    ],
+)
+def test_classify_local_failures_by_their_kind(failure: Failure, expected: Outcome) -> None:
+    """Test that an attempt without an answer is judged by why it got none: a timeout or a
+    broken connection is retried, missing credentials pause delivery (not ready)."""
+    assert expected == classify(0, "", success_body=False, failure=failure)
 
 
 def test_backoff_stays_within_capped_exponential_bounds() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from bridge.errors import SpoolError, SpoolFullError
 from bridge.models import Reading
-from bridge.spool.store import SCHEMA_VERSION, DeadLetter, Reject, Spool
+from bridge.spool.store import SCHEMA_VERSION, DeadLetter, DeadLetterFilter, Reject, SpoolStore
 
 T0 = 1631097600  # 2021-09-08 18:40:00 in Asia/Shanghai
 BIG = 1 << 30
@@ -44,7 +44,7 @@ def _count(path: Path, table: str) -> int:
         conn.close()
 
 
-def _fill(spool: Spool) -> int:
+def _fill(spool: SpoolStore) -> int:
     """Insert large readings until the spool reports full; returns how many went in."""
     n = 0
     while not spool.is_full():
@@ -60,9 +60,9 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def spool(path: Path) -> Iterator[Spool]:
+def spool(path: Path) -> Iterator[SpoolStore]:
     """An open spool with room to spare, closed at teardown."""
-    opened = Spool.open(path, max_bytes=BIG)
+    opened = SpoolStore.open(path, max_bytes=BIG)
     try:
         yield opened
     finally:
@@ -75,11 +75,11 @@ def spool(path: Path) -> Iterator[Spool]:
 def test_spool_readings_survive_close_and_reopen(path: Path) -> None:
     """Test that committed readings are all there, field for field, after close and reopen."""
     readings = [_reading(1), _reading(2, device_id=None), _reading(3, data={"Ep_imp": "1.230"})]
-    first = Spool.open(path, max_bytes=BIG)
-    ids, _ = first.commit(readings, [])
+    first = SpoolStore.open(path, max_bytes=BIG)
+    ids = first.commit(readings, []).ids
     first.close()
 
-    second = Spool.open(path, max_bytes=BIG)
+    second = SpoolStore.open(path, max_bytes=BIG)
     try:
         rows = second.fetch_after(0, 10)
     finally:
@@ -91,10 +91,10 @@ def test_spool_readings_survive_close_and_reopen(path: Path) -> None:
 
 def test_spool_readings_visible_to_a_second_connection_without_close(path: Path) -> None:
     """Test that rows are committed when commit returns, before the spool is ever closed."""
-    writer = Spool.open(path, max_bytes=BIG)
+    writer = SpoolStore.open(path, max_bytes=BIG)
     try:
-        ids, _ = writer.commit([_reading(1), _reading(2)], [])
-        reader = Spool.open(path, max_bytes=BIG)
+        ids = writer.commit([_reading(1), _reading(2)], []).ids
+        reader = SpoolStore.open(path, max_bytes=BIG)
         try:
             rows = reader.fetch_after(0, 10)
             last_id = reader.last_id
@@ -109,9 +109,9 @@ def test_spool_readings_visible_to_a_second_connection_without_close(path: Path)
 
 def test_spool_readings_survive_a_crash(path: Path, tmp_path: Path) -> None:
     """Test that the files as a killed process leaves them (never closed) hold every row."""
-    writer = Spool.open(path, max_bytes=BIG)
+    writer = SpoolStore.open(path, max_bytes=BIG)
     try:
-        ids, _ = writer.commit([_reading(1), _reading(2)], [_reject()])
+        ids = writer.commit([_reading(1), _reading(2)], [_reject()]).ids
         # The on-disk state of a process killed right now: database plus an unmerged WAL.
         crashed = tmp_path / "crashed"
         crashed.mkdir()
@@ -120,7 +120,7 @@ def test_spool_readings_survive_a_crash(path: Path, tmp_path: Path) -> None:
     finally:
         writer.close()
 
-    recovered = Spool.open(crashed / path.name, max_bytes=BIG)
+    recovered = SpoolStore.open(crashed / path.name, max_bytes=BIG)
     try:
         rows = recovered.fetch_after(0, 10)
         stats = recovered.stats()
@@ -128,7 +128,7 @@ def test_spool_readings_survive_a_crash(path: Path, tmp_path: Path) -> None:
     finally:
         recovered.close()
 
-    expected = (ids, 1, ids[-1])
+    expected = (ids, {"mapping": 1, "cloud": 0}, ids[-1])
     assert expected == ([row.rid for row in rows], stats.dead_letters, last_id)
 
 
@@ -136,7 +136,7 @@ def test_spool_open_creates_missing_directories(tmp_path: Path) -> None:
     """Test that opening a spool creates its parent directories."""
     path = tmp_path / "a" / "b" / "spool.db"
 
-    Spool.open(path, max_bytes=BIG).close()
+    SpoolStore.open(path, max_bytes=BIG).close()
 
     assert path.is_file()
 
@@ -144,10 +144,10 @@ def test_spool_open_creates_missing_directories(tmp_path: Path) -> None:
 # -- ids ------------------------------------------------------------------------------------
 
 
-def test_spool_ids_grow_monotonically(spool: Spool) -> None:
+def test_spool_ids_grow_monotonically(spool: SpoolStore) -> None:
     """Test that each commit's ids follow the previous ones, in the order of the readings."""
-    first, _ = spool.commit([_reading(1), _reading(2), _reading(3)], [])
-    second, _ = spool.commit([_reading(4)], [])
+    first = spool.commit([_reading(1), _reading(2), _reading(3)], []).ids
+    second = spool.commit([_reading(4)], []).ids
 
     expected = ([1, 2, 3], [4], 4)
     assert expected == (first, second, spool.last_id)
@@ -155,15 +155,15 @@ def test_spool_ids_grow_monotonically(spool: Spool) -> None:
 
 def test_spool_ids_are_never_reused_after_deleting_everything(path: Path) -> None:
     """Test that ids keep growing after every row was deleted and the spool reopened."""
-    first = Spool.open(path, max_bytes=BIG)
-    ids, _ = first.commit([_reading(1), _reading(2), _reading(3)], [])
+    first = SpoolStore.open(path, max_bytes=BIG)
+    ids = first.commit([_reading(1), _reading(2), _reading(3)], []).ids
     first.commit([], [], delivered=ids)
     first.close()
 
-    second = Spool.open(path, max_bytes=BIG)
+    second = SpoolStore.open(path, max_bytes=BIG)
     try:
         last_before = second.last_id
-        new_ids, _ = second.commit([_reading(4)], [])
+        new_ids = second.commit([_reading(4)], []).ids
     finally:
         second.close()
 
@@ -171,20 +171,20 @@ def test_spool_ids_are_never_reused_after_deleting_everything(path: Path) -> Non
     assert expected == (last_before, new_ids)
 
 
-def test_spool_commit_without_readings_returns_no_ids(spool: Spool) -> None:
+def test_spool_commit_without_readings_returns_no_ids(spool: SpoolStore) -> None:
     """Test that a commit of rejects only assigns no reading ids and leaves last_id alone."""
-    ids, already = spool.commit([], [_reject()])
+    done = spool.commit([], [_reject()])
 
     expected = ([], 0, 0)
-    assert expected == (ids, already, spool.last_id)
+    assert expected == (done.ids, done.already_sent, spool.last_id)
 
 
 # -- reads ----------------------------------------------------------------------------------
 
 
-def test_spool_fetch_after_pages_oldest_first(spool: Spool) -> None:
+def test_spool_fetch_after_pages_oldest_first(spool: SpoolStore) -> None:
     """Test that fetch_after pages through the rows by id with an id cursor and a limit."""
-    ids, _ = spool.commit([_reading(n) for n in range(7)], [])
+    ids = spool.commit([_reading(n) for n in range(7)], []).ids
 
     pages: list[list[int]] = []
     cursor = 0
@@ -195,9 +195,9 @@ def test_spool_fetch_after_pages_oldest_first(spool: Spool) -> None:
     assert [ids[0:3], ids[3:6], ids[6:7]] == pages
 
 
-def test_spool_fetch_after_skips_deleted_rows(spool: Spool) -> None:
+def test_spool_fetch_after_skips_deleted_rows(spool: SpoolStore) -> None:
     """Test that fetch_after returns only rows still in the spool."""
-    ids, _ = spool.commit([_reading(n) for n in range(4)], [])
+    ids = spool.commit([_reading(n) for n in range(4)], []).ids
     spool.commit([], [], delivered=[ids[1]])
 
     rows = spool.fetch_after(ids[0], 10)
@@ -205,15 +205,15 @@ def test_spool_fetch_after_skips_deleted_rows(spool: Spool) -> None:
     assert [ids[2], ids[3]] == [row.rid for row in rows]
 
 
-def test_spool_stats_counts_rows_and_oldest(spool: Spool) -> None:
+def test_spool_stats_counts_rows_and_oldest(spool: SpoolStore) -> None:
     """Test that stats() counts readings and dead letters and reports the oldest received_at."""
     empty = spool.stats()
-    ids, _ = spool.commit([_reading(5), _reading(2), _reading(9)], [_reject()])
+    ids = spool.commit([_reading(5), _reading(2), _reading(9)], [_reject()]).ids
     spool.commit([], [], delivered=[ids[1]])
 
     stats = spool.stats()
 
-    expected = [(0, None, 0), (2, 1005.0, 1)]
+    expected = [(0, None, {"mapping": 0, "cloud": 0}), (2, 1005.0, {"mapping": 1, "cloud": 0})]
     assert expected == [
         (each.readings, each.oldest_received_at, each.dead_letters) for each in (empty, stats)
     ]
@@ -223,20 +223,23 @@ def test_spool_stats_counts_rows_and_oldest(spool: Spool) -> None:
 # -- completions ----------------------------------------------------------------------------
 
 
-def test_spool_delivered_rows_are_deleted(spool: Spool) -> None:
+def test_spool_delivered_rows_are_deleted(spool: SpoolStore) -> None:
     """Test that rows the cloud accepted are deleted and the others stay."""
-    ids, _ = spool.commit([_reading(1), _reading(2), _reading(3)], [])
+    ids = spool.commit([_reading(1), _reading(2), _reading(3)], []).ids
 
     spool.commit([], [], delivered=[ids[0], ids[2]])
 
     expected = ([ids[1]], 0)
-    assert expected == ([row.rid for row in spool.fetch_after(0, 10)], spool.stats().dead_letters)
+    assert expected == (
+        [row.rid for row in spool.fetch_after(0, 10)],
+        sum(spool.stats().dead_letters.values()),
+    )
 
 
-def test_spool_dead_rows_move_to_dead_letters(spool: Spool) -> None:
+def test_spool_dead_rows_move_to_dead_letters(spool: SpoolStore) -> None:
     """Test that a refused row leaves the spool for dead_letters with its reason and data."""
     reading = _reading(1, data={"Ua": "220.10", "P": "6.62"})
-    ids, _ = spool.commit([reading, _reading(2)], [])
+    ids = spool.commit([reading, _reading(2)], []).ids
 
     spool.commit(
         [], [], dead=[DeadLetter(ids[0], "InvalidParameter", "devices[0].data.Ua is invalid")]
@@ -254,11 +257,11 @@ def test_spool_dead_rows_move_to_dead_letters(spool: Spool) -> None:
         "device_id": "meter-0001",
         "record_time": reading.record_time,
     }
-    assert expected == {key: letter[key] for key in letter if key not in {"id", "at", "data"}}
-    assert reading.data == orjson.loads(letter["data"])  # type: ignore[arg-type]
+    assert expected == {key: getattr(letter, key) for key in expected}
+    assert reading.data == orjson.loads(letter.data or b"")
 
 
-def test_spool_rejects_land_in_dead_letters(spool: Spool) -> None:
+def test_spool_rejects_land_in_dead_letters(spool: SpoolStore) -> None:
     """Test that unmappable messages are kept with topic, payload, reason and detail."""
     spool.commit([], [_reject(b"meters/1/m1/telemetry", b"{not json")])
 
@@ -275,49 +278,49 @@ def test_spool_rejects_land_in_dead_letters(spool: Spool) -> None:
         "record_time": None,
         "data": None,
     }
-    assert expected == {key: letter[key] for key in letter if key not in {"id", "at"}}
+    assert expected == {key: getattr(letter, key) for key in expected}
     assert not spool.stats().readings
 
 
-def test_spool_reject_topic_that_is_not_utf8_is_kept_readable(spool: Spool) -> None:
+def test_spool_reject_topic_that_is_not_utf8_is_kept_readable(spool: SpoolStore) -> None:
     """Test that a topic with invalid UTF-8 is stored with backslash escapes, not dropped."""
     spool.commit([], [_reject(b"meters/\xff/telemetry")])
 
     (letter,) = spool.dead_letters()
 
     expected = "meters/\\xff/telemetry"
-    assert expected == letter["topic"]
+    assert expected == letter.topic
 
 
-def test_spool_dead_letters_newest_first_and_filtered(spool: Spool) -> None:
+def test_spool_dead_letters_newest_first_and_filtered(spool: SpoolStore) -> None:
     """Test that dead_letters() lists newest first, filters by reason and honours limit."""
-    ids, _ = spool.commit([_reading(1)], [_reject(b"t/1")])
+    ids = spool.commit([_reading(1)], [_reject(b"t/1")]).ids
     spool.commit([], [], dead=[DeadLetter(ids[0], "InvalidParameter", "bad")])
     spool.commit([], [_reject(b"t/2")])
 
-    reasons = [letter["reason"] for letter in spool.dead_letters()]
-    topics = [letter["topic"] for letter in spool.dead_letters(reason="bad_json")]
-    limited = spool.dead_letters(limit=1)
+    reasons = [letter.reason for letter in spool.dead_letters()]
+    topics = [letter.topic for letter in spool.dead_letters(DeadLetterFilter(reason="bad_json"))]
+    limited = spool.dead_letters(DeadLetterFilter(limit=1))
 
     expected = (["bad_json", "InvalidParameter", "bad_json"], ["t/2", "t/1"], ["t/2"])
-    assert expected == (reasons, topics, [letter["topic"] for letter in limited])
+    assert expected == (reasons, topics, [letter.topic for letter in limited])
 
 
-def test_spool_mark_sent_counts_rows_already_marked(spool: Spool) -> None:
+def test_spool_mark_sent_counts_rows_already_marked(spool: SpoolStore) -> None:
     """Test that mark_sent returns how many of the rows had been marked before."""
-    ids, _ = spool.commit([_reading(n) for n in range(4)], [])
+    ids = spool.commit([_reading(n) for n in range(4)], []).ids
 
-    _, first = spool.commit([], [], mark_sent=ids[:2])
-    _, second = spool.commit([], [], mark_sent=ids)
-    _, third = spool.commit([], [], mark_sent=ids[1:])
+    first = spool.commit([], [], mark_sent=ids[:2]).already_sent
+    second = spool.commit([], [], mark_sent=ids).already_sent
+    third = spool.commit([], [], mark_sent=ids[1:]).already_sent
 
     expected = (0, 2, 3)
     assert expected == (first, second, third)
 
 
-def test_spool_commit_is_all_or_nothing(spool: Spool) -> None:
+def test_spool_commit_is_all_or_nothing(spool: SpoolStore) -> None:
     """Test that a commit failing halfway writes none of its readings, rejects or deletions."""
-    ids, _ = spool.commit([_reading(1)], [])
+    ids = spool.commit([_reading(1)], []).ids
     broken = _reading(2)
     broken.record_time = None  # type: ignore[assignment]  # violates NOT NULL
 
@@ -326,7 +329,11 @@ def test_spool_commit_is_all_or_nothing(spool: Spool) -> None:
 
     rows = spool.fetch_after(0, 10)
     expected = (ids, 0, ids[-1])
-    assert expected == ([row.rid for row in rows], spool.stats().dead_letters, spool.last_id)
+    assert expected == (
+        [row.rid for row in rows],
+        sum(spool.stats().dead_letters.values()),
+        spool.last_id,
+    )
 
 
 # -- space ----------------------------------------------------------------------------------
@@ -335,7 +342,7 @@ def test_spool_commit_is_all_or_nothing(spool: Spool) -> None:
 def test_spool_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
     """Test that a full spool refuses readings (with their rejects) and stores nothing."""
     path = tmp_path / "full.db"
-    spool = Spool.open(path, max_bytes=SMALL)
+    spool = SpoolStore.open(path, max_bytes=SMALL)
     try:
         filled = _fill(spool)
         last_id = spool.last_id
@@ -349,18 +356,18 @@ def test_spool_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
 
     assert filled > 0
     expected = (filled, 0, filled)
-    assert expected == (stats.readings, stats.dead_letters, last_id)
+    assert expected == (stats.readings, sum(stats.dead_letters.values()), last_id)
     assert expected[:2] == (_count(path, "readings"), _count(path, "dead_letters"))
 
 
 def test_spool_full_of_readings_still_takes_dead_letters(tmp_path: Path) -> None:
     """Test that dead letters have their own budget: a full spool still stores a reject."""
     path = tmp_path / "full.db"
-    spool = Spool.open(path, max_bytes=SMALL)
+    spool = SpoolStore.open(path, max_bytes=SMALL)
     try:
         _fill(spool)
         spool.commit([], [_reject()])
-        dead = spool.stats().dead_letters
+        dead = sum(spool.stats().dead_letters.values())
     finally:
         spool.close()
     assert 1 == dead
@@ -368,31 +375,32 @@ def test_spool_full_of_readings_still_takes_dead_letters(tmp_path: Path) -> None
 
 def test_spool_dead_letters_past_their_budget_evict_the_oldest(tmp_path: Path) -> None:
     """Test that garbage cannot fill the spool: the oldest dead letters give way, counted."""
-    spool = Spool.open(tmp_path / "dead.db", max_bytes=SMALL, dead_letter_max_bytes=100_000)
+    spool = SpoolStore.open(tmp_path / "dead.db", max_bytes=SMALL, dead_letter_max_bytes=100_000)
     try:
+        evicted = 0
         for n in range(40):
-            spool.commit([], [Reject(b"t", b"x" * 10_000, "bad_json", f"junk {n}", 1.0)])
-        kept = spool.dead_letters(limit=100)
+            done = spool.commit([], [Reject(b"t", b"x" * 10_000, "bad_json", f"junk {n}", 1.0)])
+            evicted += done.evicted.get("mapping", 0)
+        kept = spool.dead_letters(DeadLetterFilter(limit=100))
         spool.commit([_reading(1)], [])  # readings are not held back by the garbage
-        evicted = spool.dead_letters_evicted
     finally:
         spool.close()
     assert 30 <= evicted < 40
-    assert "junk 39" == kept[0]["detail"]
+    assert "junk 39" == kept[0].detail
     assert len(kept) == 40 - evicted
 
 
 def test_spool_full_spool_still_takes_completions(tmp_path: Path) -> None:
     """Test that deliveries, dead letters and sent marks still commit when the spool is full."""
-    spool = Spool.open(tmp_path / "full.db", max_bytes=SMALL)
+    spool = SpoolStore.open(tmp_path / "full.db", max_bytes=SMALL)
     try:
         _fill(spool)
         ids = [row.rid for row in spool.fetch_after(0, 100)]
 
-        _, already = spool.commit([], [], mark_sent=ids)
+        already = spool.commit([], [], mark_sent=ids).already_sent
         spool.commit([], [], delivered=ids[:2], dead=[DeadLetter(ids[2], "InvalidParameter", "")])
         remaining = [row.rid for row in spool.fetch_after(0, 100)]
-        dead = spool.stats().dead_letters
+        dead = sum(spool.stats().dead_letters.values())
     finally:
         spool.close()
 
@@ -402,7 +410,7 @@ def test_spool_full_spool_still_takes_completions(tmp_path: Path) -> None:
 
 def test_spool_is_full_follows_used_bytes(tmp_path: Path) -> None:
     """Test that is_full() turns on at max_bytes and off again once rows are deleted."""
-    spool = Spool.open(tmp_path / "full.db", max_bytes=SMALL)
+    spool = SpoolStore.open(tmp_path / "full.db", max_bytes=SMALL)
     try:
         before = spool.is_full()
         _fill(spool)
@@ -420,28 +428,28 @@ def test_spool_is_full_follows_used_bytes(tmp_path: Path) -> None:
     assert emptied_used < full_used
 
 
-def _limit_pages(spool: Spool, extra: int) -> None:
+def _limit_pages(spool: SpoolStore, extra: int) -> None:
     """Let the spool's connection grow by only ``extra`` pages: SQLite's way to fake a full disk."""
     conn = spool._conn  # fault injection: max_page_count is a per-connection setting
     pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
     conn.execute(f"PRAGMA max_page_count = {pages + extra}")
 
 
-def test_spool_disk_full_writes_nothing_and_recovers(spool: Spool) -> None:
+def test_spool_disk_full_writes_nothing_and_recovers(spool: SpoolStore) -> None:
     """Test that a commit hitting a full disk writes nothing and the next commit works."""
-    ids, _ = spool.commit([_reading(0)], [])
+    ids = spool.commit([_reading(0)], []).ids
     _limit_pages(spool, 4)
 
     with pytest.raises(SpoolError):
         spool.commit([_reading(n, data={"P": "1" * 3000}) for n in range(1, 20)], [_reject()])
     stats = spool.stats()
-    new_ids, _ = spool.commit([_reading(20)], [])
+    new_ids = spool.commit([_reading(20)], []).ids
 
     expected = (1, 0, [ids[0] + 1])
-    assert expected == (stats.readings, stats.dead_letters, new_ids)
+    assert expected == (stats.readings, sum(stats.dead_letters.values()), new_ids)
 
 
-def test_spool_disk_full_raises_spool_full_error(spool: Spool) -> None:
+def test_spool_disk_full_raises_spool_full_error(spool: SpoolStore) -> None:
     """Test that a full disk is reported as SpoolFullError, so the caller pauses and retries."""
     _limit_pages(spool, 4)
 
@@ -449,12 +457,12 @@ def test_spool_disk_full_raises_spool_full_error(spool: Spool) -> None:
         spool.commit([_reading(n, data={"P": "1" * 3000}) for n in range(20)], [])
 
 
-def test_spool_mark_sent_handles_more_rows_than_one_statement(spool: Spool) -> None:
+def test_spool_mark_sent_handles_more_rows_than_one_statement(spool: SpoolStore) -> None:
     """Test that mark_sent counts correctly across its 500-id chunks."""
-    ids, _ = spool.commit([_reading(n) for n in range(1201)], [])
+    ids = spool.commit([_reading(n) for n in range(1201)], []).ids
 
-    _, first = spool.commit([], [], mark_sent=ids[:700])
-    _, second = spool.commit([], [], mark_sent=ids)
+    first = spool.commit([], [], mark_sent=ids[:700]).already_sent
+    second = spool.commit([], [], mark_sent=ids).already_sent
 
     expected = (0, 700)
     assert expected == (first, second)
@@ -465,7 +473,7 @@ def test_spool_mark_sent_handles_more_rows_than_one_statement(spool: Spool) -> N
 
 def test_spool_newer_schema_version_is_refused(path: Path) -> None:
     """Test that a spool written by a newer energy-bridge raises SpoolError on open."""
-    Spool.open(path, max_bytes=BIG).close()
+    SpoolStore.open(path, max_bytes=BIG).close()
     conn = sqlite3.connect(path)
     with conn:
         conn.execute(
@@ -474,12 +482,12 @@ def test_spool_newer_schema_version_is_refused(path: Path) -> None:
     conn.close()
 
     with pytest.raises(SpoolError, match="schema version"):
-        Spool.open(path, max_bytes=BIG)
+        SpoolStore.open(path, max_bytes=BIG)
 
 
 def test_spool_records_its_schema_version(path: Path) -> None:
     """Test that a new spool stores the schema version it was created with."""
-    Spool.open(path, max_bytes=BIG).close()
+    SpoolStore.open(path, max_bytes=BIG).close()
     conn = sqlite3.connect(path)
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -495,10 +503,10 @@ def test_spool_file_that_is_not_a_database_is_refused(path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
 
     with pytest.raises(SpoolError):
-        Spool.open(path, max_bytes=BIG)
+        SpoolStore.open(path, max_bytes=BIG)
 
 
-def test_spool_journal_mode_is_wal(spool: Spool, path: Path) -> None:
+def test_spool_journal_mode_is_wal(spool: SpoolStore, path: Path) -> None:
     """Test that the spool runs in WAL mode, as seen from a fresh connection."""
     conn = sqlite3.connect(path)
     try:
