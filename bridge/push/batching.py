@@ -87,7 +87,8 @@ class Batcher:
         self.window_secs = window_secs
         self.linger_secs = linger_secs
         self.max_pending = max_pending
-        self._clock = clock
+        self.clock = clock
+        """The wall clock linger is measured on (injected for tests)."""
         self._open: dict[BatchKey, _Open] = {}
         self.pending = 0
 
@@ -99,7 +100,7 @@ class Batcher:
         if batch is None:
             # Linger counts from the first reading's arrival, not from when it reached the
             # batcher: a backlog read back from the spool goes out at once.
-            batch = self._open[key] = _Open(key, min(self._clock(), reading.received_at))
+            batch = self._open[key] = _Open(key, min(self.clock(), reading.received_at))
         device_id = None if reading.device_type in NO_DEVICE_ID_TYPES else reading.device_id
         ekey = (device_id, reading.record_time)
         entry = batch.entries.get(ekey)
@@ -129,7 +130,7 @@ class Batcher:
 
     def due(self) -> list[Batch]:
         """Close and return every batch whose linger time has passed."""
-        now = self._clock()
+        now = self.clock()
         expired = [k for k, b in self._open.items() if now - b.opened_at >= self.linger_secs]
         return [batch for key in expired for batch in self._close(key)]
 

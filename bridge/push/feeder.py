@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 from bridge.models import Batch, SpooledReading
 from bridge.push.batching import Batcher
@@ -50,7 +49,7 @@ class Feeder:
         self._behind = True  # start by paging: the spool may hold readings from a last run
         # Readings left by an earlier run are a backlog: once they are all read back, their
         # last partial batches go out at once instead of lingering.
-        self._leftover_until: int | None = spool.last_id
+        self._leftover_until: int | None = spool.last_id or None
         self._inbox: list[SpooledReading] = []
         self._fetching = False  # a page read is under way: hand-overs would overlap it
         self._wake = asyncio.Event()
@@ -130,7 +129,7 @@ class Feeder:
             self._wake.clear()
             if self._inbox or (self._behind and not self._queue.full()):
                 continue
-            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            timeout = None if deadline is None else max(0.0, deadline - batcher.clock())
             if self._behind:
                 # Waiting for queue room: poll, since asyncio.Queue has no "space" event.
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)

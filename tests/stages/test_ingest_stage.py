@@ -1,0 +1,124 @@
+"""Ingest between a fake MQTT source and a real spool: ack after commit, in order; rejects
+dead-lettered and acked; pause and resume with hysteresis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from bridge.config import Route
+from bridge.intake.ingest import Ingest
+from bridge.intake.mapping import Mapper
+from bridge.intake.mqtt import AckToken, Received
+from bridge.models import Batch, Inbound
+from bridge.push.batching import Batcher
+from bridge.push.feeder import Feeder
+from bridge.spool.store import SpoolStore
+from bridge.spool.thread import SpoolThread
+from bridge.telemetry import Metrics
+from tests.stages.conftest import eventually, reopened, running, sample
+
+
+class FakeSource:
+    """What ingest sees of the MQTT edge, recording what ingest does with it."""
+
+    def __init__(self) -> None:
+        self.inbox: list[Received] = []
+        self.mail = asyncio.Event()
+        self.acked: list[AckToken] = []
+        self.calls: list[str] = []
+
+    def publish(self, topic: str, payload: bytes, mid: int) -> None:
+        self.inbox.append((Inbound(topic.encode(), payload, time.time(), mid, 1), (1, mid)))
+        self.mail.set()
+
+    async def receive(self) -> list[Received]:
+        while not self.inbox:
+            self.mail.clear()
+            await self.mail.wait()
+        return self.receive_nowait()
+
+    def receive_nowait(self) -> list[Received]:
+        taken, self.inbox = self.inbox, []
+        return taken
+
+    def ack(self, tokens: Sequence[AckToken]) -> int:
+        self.acked.extend(tokens)
+        return len(tokens)
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+def _ingest(spool: SpoolThread, source: FakeSource, metrics: Metrics, high_water: int) -> Ingest:
+    queue: asyncio.Queue[Batch] = asyncio.Queue()
+    batcher = Batcher(
+        max_devices=10, max_bytes=1 << 20, window_secs=60, linger_secs=1, clock=time.time
+    )
+    return Ingest(
+        mapper=Mapper([Route()], "Asia/Shanghai", max_payload_bytes=1024),
+        spool=spool,
+        feeder=Feeder(spool=spool, batcher=batcher, queue=queue),
+        source=source,
+        metrics=metrics,
+        commit_max=100,
+        high_water=high_water,
+    )
+
+
+def _payload(n: int) -> bytes:
+    return b'{"ts": 1631097600, "Ua": 226.%d}' % n
+
+
+async def test_ingest_acks_after_the_commit_in_arrival_order(
+    spool: SpoolThread, store: SpoolStore, metrics: Metrics
+) -> None:
+    """Test that nothing is acknowledged before its reading or dead letter is committed, then
+    every message is, in the order it arrived; the bad one is dead-lettered, the rest stored."""
+    source = FakeSource()
+    ingest = _ingest(spool, source, metrics, high_water=100)
+    async with running(ingest):
+        source.publish("meters/1/m-1/telemetry", _payload(1), 11)
+        source.publish("meters/1/m-2/telemetry", b"{not json", 12)
+        source.publish("meters/1/m-3/telemetry", _payload(3), 13)
+        await asyncio.sleep(0.2)
+        before_commit = list(source.acked)  # the spool stage is not running yet
+        async with running(spool):
+            await eventually(lambda: len(source.acked) == 3, message="3 acks")
+
+    with reopened(store.path) as stored:
+        expected: tuple[object, ...] = (
+            [],
+            [(1, 11), (1, 12), (1, 13)],
+            ["m-1", "m-3"],
+            ["bad_json"],
+        )
+        assert expected == (
+            before_commit,
+            source.acked,
+            [row.reading.device_id for row in stored.fetch_after(0, 10)],
+            [d.reason for d in stored.dead_letters()],
+        )
+    assert 1.0 == sample(metrics, "bridge_messages_rejected_total", reason="bad_json")
+
+
+async def test_ingest_pauses_at_high_water_and_resumes_below_half(
+    spool: SpoolThread, metrics: Metrics
+) -> None:
+    """Test that ingest stops the source once high_water messages wait for a commit and lets
+    it read again only when fewer than half of that are left (no pause/resume flapping)."""
+    source = FakeSource()
+    ingest = _ingest(spool, source, metrics, high_water=10)
+    async with running(ingest):
+        for n in range(12):
+            source.publish(f"meters/1/m-{n}/telemetry", _payload(n % 10), n + 1)
+        await eventually(lambda: source.calls, message="a pause")
+        paused = list(source.calls)
+        async with running(spool):
+            await eventually(lambda: len(source.acked) == 12, message="12 acks")
+
+    assert (["pause"], ["pause", "resume"]) == (paused, source.calls)
