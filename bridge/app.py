@@ -137,6 +137,7 @@ class App:
             max_in_flight=s.cloud.max_in_flight,
             retry_initial=s.cloud.retry_initial_secs,
             retry_max=s.cloud.retry_max_secs,
+            retry_after_max=s.cloud.retry_after_max_secs,
             on_credentials_problem=self.credentials.reload,
         )
         batcher = Batcher(

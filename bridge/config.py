@@ -238,6 +238,9 @@ class CloudSettings(_Section):
     """Backoff cap of the first retry; doubles per attempt, full jitter."""
     retry_max_secs: float = Field(default=30.0, gt=0)
     """Largest backoff between attempts of one batch."""
+    retry_after_max_secs: float = Field(default=60.0, gt=0, le=3600)
+    """Longest wait an ``x-acs-retry-after`` answer is honoured for (a larger or absurd value
+    is cut to this)."""
     verify_tls: bool = True
     """Verify the endpoint's TLS certificate. Never turn off in production."""
     user_agent: str = "energy-bridge/0.1"

@@ -52,6 +52,9 @@ class Inbound:
         mid: the MQTT message id (0 for QoS 0).
         qos: the QoS the message was delivered with.
         dup: the MQTT DUP flag (a redelivery by the broker).
+        retained_replay: a retained copy sent again on a resumed session (not a reading).
+        oversized: the real size of a packet larger than the bridge reads (its payload is cut
+            short), 0 otherwise.
     """
 
     topic: bytes
@@ -60,6 +63,8 @@ class Inbound:
     mid: int = 0
     qos: int = 0
     dup: bool = False
+    retained_replay: bool = False
+    oversized: int = 0
 
 
 class Reading:

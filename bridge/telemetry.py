@@ -5,7 +5,7 @@ reason code, outcome, error code, readiness condition). Labelled series that are
 are created at zero, so dashboards show 0 rather than "no data" and alerts see the first
 increase. Counters reconcile:
 
-* ``messages received = messages accepted + messages rejected``, and
+* ``messages received = messages accepted + messages rejected + messages skipped``, and
 * ``readings accepted = delivered + dead-lettered + still spooled``.
 """
 
@@ -52,6 +52,13 @@ class Metrics:
         )
         self.readings_accepted = Counter(
             "bridge_readings_accepted_total", "Readings committed to the spool", registry=r
+        )
+        self.messages_skipped = Counter(
+            "bridge_messages_skipped_total",
+            "Messages that are not readings and need none (retained copies seen before), by"
+            " reason; acknowledged, not dead-lettered",
+            ["reason"],
+            registry=r,
         )
         self.messages_rejected = Counter(
             "bridge_messages_rejected_total",
@@ -154,6 +161,11 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "bridge_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.mqtt_session_takeovers = Counter(
+            "bridge_mqtt_session_takeovers_total",
+            "Times another connection with our client id took the session over (MQTT v5)",
+            registry=r,
+        )
         self.mqtt_reconnects = Counter(
             "bridge_mqtt_reconnects_total", "Connections made after the first", registry=r
         )
@@ -188,6 +200,7 @@ class Metrics:
             self.messages_received.labels(route)
         for reason in reasons:
             self.messages_rejected.labels(reason)
+        self.messages_skipped.labels("retained_replay")
         for condition in ("mqtt", "spool", "cloud"):
             self.not_ready.labels(condition).set(0)
         for source in ("mapping", "cloud"):

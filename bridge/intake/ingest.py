@@ -138,8 +138,13 @@ class Ingest:
         # counter takes a lock on every inc(), too dear per message at these rates.
         route = self._mapper.route_of(inbound.topic)
         self._received_counts[route] = self._received_counts.get(route, 0) + 1
+        if inbound.retained_replay:
+            # Acknowledged in its turn, with the commit of the messages around it.
+            self._metrics.messages_skipped.labels("retained_replay").inc()
+            self._pending.append(_Pending(token, [], None))
+            return
         try:
-            readings = self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
+            readings = self._map(inbound)
             item = _Pending(token, readings, None)
             seen = self.last_seen
             for reading in readings:
@@ -159,6 +164,15 @@ class Ingest:
                 Reject(inbound.topic, payload, exc.reason, exc.detail, inbound.received_at),
             )
         self._pending.append(item)
+
+    def _map(self, inbound: Inbound) -> list[Reading]:
+        if inbound.oversized:
+            raise MappingError(
+                "payload_too_large",
+                f"a packet of {inbound.oversized} bytes, over mqtt.max_payload_bytes;"
+                " only its start was read",
+            )
+        return self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
 
     async def stop(self, deadline: float) -> None:
         """Commit and acknowledge what is pending, then let :meth:`run` return.
@@ -213,7 +227,9 @@ class Ingest:
             del self._pending[: len(chunk)]
             self._source.ack([p.token for p in chunk if p.token is not None])
             self._metrics.readings_accepted.inc(len(rows))
-            self._metrics.messages_accepted.inc(len(chunk) - len(rejects))
+            self._metrics.messages_accepted.inc(
+                sum(1 for p in chunk if p.reject is None and p.readings)
+            )
             self._metrics.mqtt_unacked.set(len(self._pending))
             self._feeder.offer(rows)
             if self._paused and len(self._pending) < self._high_water // 2:

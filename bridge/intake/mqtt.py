@@ -50,6 +50,12 @@ Received = tuple[Inbound, AckToken | None]
 
 _READ_CHUNK = 256 * 1024
 _PACKETS_PER_WAKEUP = 2000
+_PUBLISH = 0x30
+_HEADER_ALLOWANCE = 70_000
+"""Bytes a PUBLISH may carry besides its payload: a topic of up to 64 KiB and properties."""
+_SESSION_TAKEN_OVER = 142
+"""MQTT v5 DISCONNECT reason code: another connection took over this client id's session."""
+_TAKEOVER_WINDOW_SECS = 60.0
 
 
 class _BufferedClient(paho.Client):
@@ -57,27 +63,64 @@ class _BufferedClient(paho.Client):
     body): at thousands of messages a second those system calls are most of the cost. This
     subclass serves them from one large read. ``would_block`` tells the reader when both the
     buffer and the socket are empty, since paho turns that condition into plain success.
+
+    It also keeps memory bounded whatever the broker sends: of a PUBLISH larger than
+    ``max_packet`` bytes, paho is given only the first ``max_packet`` bytes (the topic, the
+    properties and the start of the payload) and its last byte; the rest is read from the
+    socket and dropped as it arrives. ``oversized`` then holds the packet's real size until
+    the message is handed on, so it is rejected (and dead-lettered with its first KiB) instead
+    of taking the process's memory (a 100 MB publish used to add 300 MB).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_packet: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rbuf = bytearray()
         self.would_block = False
+        self.max_packet = max_packet
+        self.oversized = 0
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if (
+            packet["have_remaining"]
+            and packet["remaining_length"] > self.max_packet
+            and packet["command"] & 0xF0 == _PUBLISH
+        ):
+            bufsize = self._guard_oversized(packet, bufsize)
         buf = self.rbuf
         if not buf:
-            try:
-                data = super()._sock_recv(_READ_CHUNK)
-            except BlockingIOError:
-                self.would_block = True
-                raise
-            if not data:
-                return data  # end of stream: paho handles the lost connection
-            buf += data
+            buf += self._recv_chunk()
+            if not buf:
+                return b""  # end of stream: paho handles the lost connection
         chunk = bytes(buf[:bufsize])
         del buf[:bufsize]
         return chunk
+
+    def _recv_chunk(self) -> bytes:
+        try:
+            return super()._sock_recv(_READ_CHUNK)
+        except BlockingIOError:
+            self.would_block = True
+            raise
+
+    def _guard_oversized(self, packet: Any, bufsize: int) -> int:
+        """Drop the body of an oversized PUBLISH past ``max_packet``; returns what paho may
+        read now (raises BlockingIOError while dropped bytes are still to come)."""
+        self.oversized = packet["remaining_length"]
+        kept = len(packet["packet"])
+        if kept < self.max_packet:
+            return min(bufsize, self.max_packet - kept)
+        # Keep the packet's very last byte for paho, so it completes the packet as usual.
+        while packet["to_process"] > 1:
+            if not self.rbuf:
+                data = self._recv_chunk()
+                if not data:
+                    return bufsize  # end of stream: paho's next read sees it
+                self.rbuf += data
+            dropped = min(len(self.rbuf), packet["to_process"] - 1)
+            del self.rbuf[:dropped]
+            packet["to_process"] -= dropped
+        return 1
 
 
 class MqttSource:
@@ -107,6 +150,11 @@ class MqttSource:
         self._loop_thread = 0
         self._client = self._make_client()
         self._generation = 0
+        # Acks belong to the connection: they may be sent from CONNACK on (a resumed session's
+        # backlog arrives before the SUBACK), not only once subscribed.
+        self._session_up = False
+        self._session_present = False
+        self._takeovers: list[float] = []
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[ReasonCode] | None = None
@@ -131,7 +179,7 @@ class MqttSource:
         again, and they will be stored twice. They are counted as redelivered readings.
         """
         sent = 0
-        if self._connected.is_set():
+        if self._session_up:
             generation = self._generation
             client = self._client
             for gen, mid in tokens:
@@ -185,12 +233,20 @@ class MqttSource:
             while not self._stopping:
                 problem = await self._connect_once()
                 if problem is None:
-                    attempt = 0
+                    takeovers = len(self._takeovers)
                     await self._disconnected.wait()
                     if self._stopping:
                         break
                     problem = "connection lost"
-                self._health.set("mqtt", f"broker {self._where}: {problem}")
+                    if len(self._takeovers) == takeovers:
+                        attempt = 0
+                    else:
+                        # Taken over: reconnecting at once would take it back and start a
+                        # loop with the other client; back off like after a failure.
+                        problem = "session taken over by another connection"
+                self._health.set(
+                    "mqtt", self._takeover_problem() or f"broker {self._where}: {problem}"
+                )
                 attempt += 1
                 delay = backoff(
                     attempt,
@@ -216,7 +272,7 @@ class MqttSource:
         the broker the session is ours again next time.
         """
         self._stopping = True
-        if self._connected.is_set():
+        if self._session_up:
             self._client.disconnect()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), 2.0)
@@ -251,6 +307,10 @@ class MqttSource:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry_secs
             props.ReceiveMaximum = s.receive_maximum
+            # The broker must not send us more than this (it drops such messages itself);
+            # v3.1.1 has no such property: there the client drops the excess (see
+            # _BufferedClient), and mosquitto's message_size_limit bounds it broker-side.
+            props.MaximumPacketSize = s.max_payload_bytes + _HEADER_ALLOWANCE
             kwargs = {"clean_start": False, "properties": props}
         try:
             await self._loop.run_in_executor(
@@ -280,6 +340,7 @@ class MqttSource:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
             manual_ack=True,
+            max_packet=s.max_payload_bytes + _HEADER_ALLOWANCE,
         )
         client.connect_timeout = 10.0
         client.max_inflight_messages_set(100)
@@ -377,6 +438,9 @@ class MqttSource:
         while True:
             await asyncio.sleep(1.0)
             self._client.loop_misc()
+            if self._connected.is_set():
+                # Ends the takeover condition once a minute has passed without one.
+                self._health.set("mqtt", self._takeover_problem())
 
     def _on_connect(
         self,
@@ -391,13 +455,17 @@ class MqttSource:
         if reason.is_failure:
             return
         self._generation += 1
+        self._session_up = True
+        self._session_present = bool(_flags.session_present)
         self._connects += 1
         if self._connects > 1:
             self._metrics.mqtt_reconnects.inc()
         # Subscribe on every connect: a broker may have lost the session whatever
-        # session-present says.
+        # session-present says. Retained copies only for a subscription the broker did not
+        # have (retain handling 1): on a resumed session they were seen before.
         if self._settings.protocol is MqttProtocol.V5:
-            client.subscribe([(t, SubscribeOptions(qos=1)) for t in self._subscriptions])
+            options = SubscribeOptions(qos=1, retainHandling=1)
+            client.subscribe([(t, options) for t in self._subscriptions])
         else:
             client.subscribe([(t, 1) for t in self._subscriptions])
         log.info(
@@ -426,7 +494,7 @@ class MqttSource:
         self._metrics.mqtt_subscriptions.set(len(self._subscriptions))
         self._metrics.mqtt_connected.set(1)
         self._connected.set()
-        self._health.set("mqtt", None)
+        self._health.set("mqtt", self._takeover_problem())
 
     def _on_disconnect(
         self,
@@ -436,12 +504,42 @@ class MqttSource:
         reason: ReasonCode,
         _props: Properties | None,
     ) -> None:
+        self._session_up = False
         self._connected.clear()
         self._metrics.mqtt_connected.set(0)
         self._metrics.mqtt_subscriptions.set(0)
-        if not self._stopping:
+        if reason.value == _SESSION_TAKEN_OVER:
+            self._note_takeover()
+        elif not self._stopping:
             log.info("mqtt connection closed", extra={"reason": str(reason)})
         self._disconnected.set()
+
+    def _note_takeover(self) -> None:
+        """Another client connected with our client id and took the session (v5 reason 142)."""
+        now = time.monotonic()
+        self._takeovers = [t for t in self._takeovers if now - t < _TAKEOVER_WINDOW_SECS]
+        self._takeovers.append(now)
+        self._metrics.mqtt_session_takeovers.inc()
+        problem = self._takeover_problem()
+        if problem is not None:
+            self._health.set("mqtt", problem)
+        self._reconnect_log.log(
+            "takeover",
+            logging.ERROR,
+            "mqtt session taken over by another connection with the same client id",
+            {"client_id": self._settings.client_id, "in_last_minute": len(self._takeovers)},
+        )
+
+    def _takeover_problem(self) -> str | None:
+        """Not ready while the session keeps being taken over (two bridges, one client id)."""
+        now = time.monotonic()
+        recent = [t for t in self._takeovers if now - t < _TAKEOVER_WINDOW_SECS]
+        if len(recent) < 2:
+            return None
+        return (
+            f"session taken over {len(recent)} times in {_TAKEOVER_WINDOW_SECS:.0f} s: another"
+            f" client uses mqtt.client_id {self._settings.client_id!r}"
+        )
 
     def _on_paho_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         # msg.topic decodes UTF-8 and raises on bad bytes; mapping decides with the raw bytes.
@@ -452,6 +550,10 @@ class MqttSource:
             msg.mid,
             msg.qos,
             bool(msg.dup),
+            # A retained copy on a resumed session was seen when it was published.
+            retained_replay=bool(msg.retain) and self._session_present,
+            oversized=self._client.oversized,
         )
+        self._client.oversized = 0
         self._inbox.append((inbound, (self._generation, msg.mid) if msg.qos > 0 else None))
         self._mail.set()

@@ -6,6 +6,7 @@ aiohttp stays inside this module; callers get a :class:`PushResult` and never an
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -21,7 +22,21 @@ from bridge.push.signing import PUSH_PATH, push_headers
 
 __all__ = ["PushClient", "PushResult"]
 
-_MAX_ERROR_BODY = 64 * 1024
+_MAX_ANSWER = 64 * 1024
+"""An answer is a small JSON object; more than this is not one (and is not kept)."""
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
+    """The whole answer, however many pieces it arrives in, up to ``cap`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < cap:
+        chunk = await stream.read(cap - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(slots=True, frozen=True)
@@ -144,15 +159,19 @@ class PushClient:
             host=self._host, body=body, credentials=creds, user_agent=self._user_agent
         )
         try:
-            async with self._session.post(self._url, data=body, headers=headers) as resp:
-                raw = await resp.content.read(_MAX_ERROR_BODY)
+            # Never follow a redirect: it would hand the signed request (token, key id, body)
+            # to another host, or turn the POST into a GET whose "success" means nothing.
+            async with self._session.post(
+                self._url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                raw = await _read_capped(resp.content, _MAX_ANSWER)
                 retry_after = resp.headers.get("x-acs-retry-after")
                 status = resp.status
         except TimeoutError:
             return PushResult(
                 0, "", "request timed out", "", None, False, elapsed(), Failure.TIMEOUT
             )
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             message = f"{type(exc).__name__}: {exc}"[:300]
             return PushResult(0, "", message, "", None, False, elapsed(), Failure.CONNECTION)
         except asyncio.CancelledError:
@@ -162,9 +181,11 @@ class PushClient:
         after: float | None = None
         if retry_after:
             try:
-                after = max(0.0, float(retry_after) / 1000.0)
+                millis = float(retry_after)
             except ValueError:
-                after = None
+                millis = math.nan
+            if math.isfinite(millis):
+                after = max(0.0, millis / 1000.0)
         return PushResult(
             status, code, message, request_id, after, success, time.monotonic() - started
         )

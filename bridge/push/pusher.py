@@ -5,10 +5,16 @@ Completions (delete, dead-letter) are handed to the spool and never awaited here
 next transaction, are retried until they commit, and are committed before shutdown ends.
 
 * success -> delete the rows;
-* transient / throttled -> back off (full jitter, honouring ``x-acs-retry-after``) and retry;
-  throttling also halves the concurrency limit (AIMD: +1 per limit's worth of successes);
+* transient / throttled -> back off (full jitter, honouring ``x-acs-retry-after`` up to
+  ``cloud.retry_after_max_secs``) and retry; throttling also halves the concurrency limit
+  (AIMD: +1 per limit's worth of successes); a reused nonce is signed again at once, then
+  with backoff;
 * credentials / config / clock -> keep everything, pause all workers, report not ready;
-* payload -> split the batch to isolate the bad entries, dead-letter only those.
+* payload (a code that names entries) -> split the batch to isolate the bad entries,
+  dead-letter only those;
+* refused for a reason nobody placed -> a few retries, then split as for payload; if every
+  part is refused alike and nothing else gets through, the request is the problem: pause,
+  not ready, keep the data.
 """
 
 from __future__ import annotations
@@ -36,6 +42,20 @@ __all__ = ["AdaptiveLimit", "Pusher"]
 log = logging.getLogger("bridge.push")
 
 _ENTRY_INDEX = re.compile(r"devices\[(\d+)\]")
+_REFUSAL_RETRIES = 3
+"""Attempts a refusal the classifier cannot place gets before the batch is split."""
+_PAUSING = frozenset({Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK})
+
+
+def _cuts(batch: Batch, refusal: PushResult) -> list[tuple[int, int]]:
+    """Where to split a refused batch: around the entry the cloud names, else in halves."""
+    match = _ENTRY_INDEX.search(refusal.message)
+    if match and 0 <= int(match.group(1)) < batch.size:
+        index = int(match.group(1))
+        cuts = [(0, index), (index, index + 1), (index + 1, batch.size)]
+        return [(start, stop) for start, stop in cuts if start < stop]
+    half = batch.size // 2
+    return [(0, half), (half, batch.size)]
 
 
 class AdaptiveLimit:
@@ -110,6 +130,7 @@ class Pusher:
         metrics, health: observability.
         max_in_flight: hard upper bound of concurrent requests.
         retry_initial, retry_max: backoff parameters, seconds.
+        retry_after_max: the longest ``x-acs-retry-after`` honoured, seconds.
         on_credentials_problem: called to refresh credentials after an auth failure.
     """
 
@@ -124,6 +145,7 @@ class Pusher:
         max_in_flight: int,
         retry_initial: float,
         retry_max: float,
+        retry_after_max: float = 60.0,
         on_credentials_problem: Callable[[], None] = lambda: None,
         rng: random.Random | None = None,
     ) -> None:
@@ -135,6 +157,8 @@ class Pusher:
         self._max_in_flight = max_in_flight
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._retry_after_max = retry_after_max
+        self._deliveries = 0
         self._on_credentials_problem = on_credentials_problem
         self._rng = rng or random.Random()
         self.limit = AdaptiveLimit(max_in_flight, metrics)
@@ -194,14 +218,26 @@ class Pusher:
         # Not awaited: the flag rides the next spool transaction, and the worker goes on to
         # send. (A crash before that commit only makes a later resend go uncounted.)
         self._spool.mark_sent(batch.rids).add_done_callback(self._count_redelivered)
-        await self._attempt_until_final(batch)
+        refusal = await self._until_answer(batch)
+        if refusal is not None:
+            await self._isolate(batch, refusal, proven=False)
 
     def _count_redelivered(self, done: asyncio.Future[int]) -> None:
         if not done.cancelled() and done.exception() is None and done.result():
             self._metrics.readings_redelivered.inc(done.result())
 
-    async def _attempt_until_final(self, batch: Batch) -> None:
+    async def _until_answer(self, batch: Batch) -> PushResult | None:
+        """Attempt until the batch is delivered (``None``) or refused (the refusal).
+
+        Everything that is not about the batch's content is waited out here: transient
+        failures and throttling with backoff, a reused nonce by signing again, clock,
+        credentials and configuration problems by pausing every worker (not ready). A refusal
+        the classifier cannot place is retried :data:`_REFUSAL_RETRIES` times first (it may
+        be a passing fault), so one odd answer never splits a batch.
+        """
         attempt = 0
+        refused = 0
+        nonce_reused = 0
         while True:
             await self._pause.wait()
             attempt += 1
@@ -218,42 +254,57 @@ class Pusher:
                 # at its slowest.
                 self._metrics.push_latency.observe(result.elapsed)
             if outcome is Outcome.SUCCESS:
-                await self._succeeded(batch)
-                return
+                self._succeeded(batch)
+                return None
             if outcome is Outcome.PAYLOAD:
-                await self._isolate(batch, result)
-                return
+                return result
+            if outcome is Outcome.REFUSED:
+                refused += 1
+                if refused > _REFUSAL_RETRIES:
+                    return result
             self._note_failure(outcome, result, batch)
             if result.failure is Failure.TIMEOUT:
                 # The service may have stored it; the retry can be a duplicate.
                 self._metrics.readings_redelivered.inc(len(batch.rids))
             if outcome is Outcome.SIGN_AGAIN:
-                continue  # a fresh nonce and date come with every attempt
-            if outcome is Outcome.THROTTLED:
+                nonce_reused += 1
+                if nonce_reused == 1:
+                    continue  # a fresh nonce and date come with every attempt
+            elif outcome is Outcome.THROTTLED:
                 self.limit.on_throttle()
-            if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
-                self._pause.strikes += 1
-                delay = backoff(
-                    self._pause.strikes,
-                    initial=max(1.0, self._retry_initial),
-                    cap=max(60.0, self._retry_max),
-                    rng=self._rng,
-                )
-                self._pause.extend(delay)
-                if outcome is Outcome.CREDENTIALS:
-                    self._on_credentials_problem()
+            elif outcome in _PAUSING:
+                self._pause_all(outcome)
                 continue
             await asyncio.sleep(
                 backoff(
                     attempt,
                     initial=self._retry_initial,
                     cap=self._retry_max,
-                    retry_after=result.retry_after,
+                    retry_after=self._capped(result.retry_after),
                     rng=self._rng,
                 )
             )
 
-    async def _succeeded(self, batch: Batch) -> None:
+    def _capped(self, retry_after: float | None) -> float | None:
+        """The server's ``x-acs-retry-after``, never more than ``retry_after_max``."""
+        return None if retry_after is None else min(retry_after, self._retry_after_max)
+
+    def _pause_all(self, outcome: Outcome) -> None:
+        """Pause every worker, longer with each strike, until a success or :meth:`resume_now`."""
+        self._pause.strikes += 1
+        self._pause.extend(
+            backoff(
+                self._pause.strikes,
+                initial=max(1.0, self._retry_initial),
+                cap=max(60.0, self._retry_max),
+                rng=self._rng,
+            )
+        )
+        if outcome is Outcome.CREDENTIALS:
+            self._on_credentials_problem()
+
+    def _succeeded(self, batch: Batch) -> None:
+        self._deliveries += 1
         self.limit.on_success()
         if self._pause.strikes:
             self._pause.clear()
@@ -269,43 +320,76 @@ class Pusher:
         for received in batch.received_ats:
             observe(now - received)
 
-    async def _isolate(self, batch: Batch, result: PushResult) -> None:
-        """Split a refused batch until the refused entries stand alone; dead-letter those."""
-        if batch.size == 1:
-            dead = [
-                DeadLetter(rid, result.code or "InvalidParameter", result.message[:500])
-                for rid in batch.rids
-            ]
-            self._spool.complete(dead=dead)
-            self._metrics.readings_dead_lettered.labels(result.code or "payload").inc(len(dead))
-            log.error(
-                "entry refused by the cloud, dead-lettered",
-                extra={
-                    "code": result.code,
-                    "error": result.message[:300],
-                    "request_id": result.request_id,
-                    "readings": len(dead),
-                },
-            )
-            return
-        # When the service names the entry, cut there; otherwise halve.
-        match = _ENTRY_INDEX.search(result.message)
-        cut = batch.size // 2
-        if match and 0 <= int(match.group(1)) < batch.size:
-            index = int(match.group(1))
-            parts = [(0, index), (index, index + 1), (index + 1, batch.size)]
-        else:
-            parts = [(0, cut), (cut, batch.size)]
-        for start, stop in parts:
-            if start < stop:
-                await self._attempt_until_final(batch.slice(start, stop))
+    async def _isolate(self, batch: Batch, refusal: PushResult, *, proven: bool) -> None:
+        """Find which entries of a refused batch carry the refusal; dead-letter only those.
 
-    def _note_failure(self, outcome: Outcome, result: PushResult, batch: Batch) -> None:
+        The batch is cut where the cloud names an entry (``devices[i]``), else halved, and the
+        parts are sent. An entry alone is dead-lettered when the refusal is known to follow
+        entries: a code that names entries, a part of the same batch that was delivered
+        (``proven``), or other batches delivered meanwhile. When every part is refused alike
+        and nothing else gets through, the request is the problem, not an entry: delivery
+        pauses (not ready) and the batch is kept and sent again.
+        """
+        deliveries = self._deliveries
+        while True:
+            entry_fault = (
+                proven
+                or self._deliveries > deliveries
+                or classify(refusal.status, refusal.code, success_body=False) is Outcome.PAYLOAD
+            )
+            if batch.size == 1:
+                if entry_fault:
+                    self._dead_letter(batch, refusal)
+                    return
+            else:
+                parts = [batch.slice(start, stop) for start, stop in _cuts(batch, refusal)]
+                refusals = [await self._until_answer(part) for part in parts]
+                refused = [(p, r) for p, r in zip(parts, refusals, strict=True) if r is not None]
+                alike = len(refused) == len(parts) and all(
+                    r.label == refusal.label for _, r in refused
+                )
+                if not alike or entry_fault or self._deliveries > deliveries:
+                    for part, part_refusal in refused:
+                        await self._isolate(
+                            part, part_refusal, proven=proven or len(refused) < len(parts)
+                        )
+                    return
+            # The request itself is refused: keep the data, pause, not ready, send it again.
+            self._note_failure(Outcome.REFUSED, refusal, batch, request_level=True)
+            self._pause_all(Outcome.REFUSED)
+            again = await self._until_answer(batch)
+            if again is None:
+                return
+            refusal = again
+
+    def _dead_letter(self, batch: Batch, refusal: PushResult) -> None:
+        reason = refusal.code or f"HTTP {refusal.status}"
+        dead = [DeadLetter(rid, reason, refusal.message[:500]) for rid in batch.rids]
+        self._spool.complete(dead=dead)
+        self._metrics.readings_dead_lettered.labels(refusal.label).inc(len(dead))
+        log.error(
+            "entry refused by the cloud, dead-lettered",
+            extra={
+                "code": refusal.code,
+                "status": refusal.status,
+                "error": refusal.message[:300],
+                "request_id": refusal.request_id,
+                "readings": len(dead),
+            },
+        )
+
+    def _note_failure(
+        self, outcome: Outcome, result: PushResult, batch: Batch, *, request_level: bool = False
+    ) -> None:
         """Readiness and one throttled log line for a failed attempt."""
-        if outcome in {Outcome.CREDENTIALS, Outcome.CONFIG, Outcome.CLOCK}:
+        if outcome in _PAUSING:
             # A stable reason (the code, not the message, which may quote a per-request
             # hash), so the transition is logged once; the details go to the failure log.
             self._health.set("cloud", f"cloud refuses our {outcome.value}: {result.label}")
+        elif request_level:
+            self._health.set(
+                "cloud", f"cloud refuses every request alike: {result.label} (data kept)"
+            )
         # One log line per distinct problem per minute, not one per request.
         self._failures_log.log(
             f"{outcome.value}|{result.label}",

@@ -42,7 +42,12 @@ class Outcome(StrEnum):
     CONFIG = "config"
     """Wrong endpoint or protocol: keep data, pause, not ready."""
     PAYLOAD = "payload"
-    """The request body is bad: isolate the bad entries, dead-letter them, deliver the rest."""
+    """An entry is bad (a code that names entries): isolate the bad entries, dead-letter them,
+    deliver the rest."""
+    REFUSED = "refused"
+    """Refused for a reason the API reference does not place (an unlisted code, a 4xx without
+    one, a 2xx without ``success``): retried a few times, then the batch is split to see
+    whether an entry or the request carries it; never dropped on a guess."""
 
 
 _THROTTLING = frozenset({"Throttling", "Throttling.User", "Throttling.Api", "Throttling.Tenant"})
@@ -63,8 +68,21 @@ _CREDENTIALS = frozenset(
         "Forbidden.AccessKeyDisabled",
     }
 )
-_CONFIG = frozenset({"InvalidApi.NotFound", "InvalidProduct.NotFound", "InvalidProtocol.NeedSsl"})
+# Endpoint-level codes: the request goes to the wrong place or in the wrong form, whatever it
+# carries (the gateway's codes for the API, action, version, region, product and protocol).
+_CONFIG_PREFIXES = (
+    "InvalidApi",
+    "InvalidAction",
+    "InvalidVersion",
+    "InvalidRegionId",
+    "InvalidProduct",
+    "InvalidProtocol",
+    "InvalidEndpoint",
+    "UnsupportedHTTPMethod",
+)
 _TRANSIENT = frozenset({"ServiceUnavailable", "InternalError"})
+# Codes the API reference gives for an entry of the body (the message may name it).
+_ENTRY_CODES = frozenset({"InvalidParameter", "MissingParameter"})
 
 
 def classify(
@@ -87,6 +105,9 @@ def classify(
         return Outcome.RETRY
     if 200 <= status < 300 and success_body:
         return Outcome.SUCCESS
+    if 300 <= status < 400:
+        # A signed request is never validly redirected (the client does not follow).
+        return Outcome.CONFIG
     if code:
         if code in _THROTTLING or code.startswith("Throttling"):
             return Outcome.THROTTLED
@@ -98,20 +119,27 @@ def classify(
             ("InvalidAccessKeyId", "InvalidSecurityToken", "Forbidden")
         ):
             return Outcome.CREDENTIALS
-        if code in _CONFIG:
+        if code.startswith(_CONFIG_PREFIXES):
             return Outcome.CONFIG
         if code in _TRANSIENT:
             return Outcome.RETRY
-        if code.startswith(("Missing", "Invalid")):
+        if code.split(".", 1)[0] in _ENTRY_CODES:
             return Outcome.PAYLOAD
         # Unknown codes: judge by status; never drop data on a guess.
+    return _by_status(status)
+
+
+def _by_status(status: int) -> Outcome:
     if status == 429:
         return Outcome.THROTTLED
     if status in {401, 403}:
         return Outcome.CREDENTIALS
-    if status in {404, 405}:
+    if status in {404, 405, 501}:
         return Outcome.CONFIG
-    return Outcome.RETRY
+    if status == 408 or status >= 500 or status == 0:
+        return Outcome.RETRY
+    # 2xx without "success", 400, 413 and other 4xx: a refusal we cannot place.
+    return Outcome.REFUSED
 
 
 def backoff(

@@ -128,6 +128,18 @@ class Faults:
         poison_point: a data point name; a batch with an entry carrying it is rejected with
             ``InvalidParameter`` naming that entry.
         fail_body_rate: fraction answered 200 with ``"data": "fail"``.
+        refuse_status: when not 0, refuse pushes with this HTTP status (a hostile cloud: 413
+            from a gateway, 400 with a code nobody listed, an endpoint-level code).
+        refuse_code: the ``Code`` of those refusals (``""``: an answer without one).
+        refuse_point: refuse only requests with an entry carrying this data point.
+        refuse_body: answer refusals with this raw text instead of a JSON error (garbage).
+        refuse_body_size: pad ``refuse_body`` (or ``x``) to this many bytes (a huge answer).
+        redirect_status: when not 0, answer every push with this 3xx status and a Location.
+        redirect_location: the Location of those redirects.
+        answer_pieces: write every push answer in this many pieces (chunked encoding).
+        piece_delay_ms: pause between two pieces.
+        retry_after_raw: the ``x-acs-retry-after`` text of throttled answers, verbatim
+            (``inf``, ``1e12``); overrides ``retry_after_ms``.
     """
 
     error_rate: float = 0.0
@@ -138,6 +150,16 @@ class Faults:
     outage_windows: tuple[tuple[float, float], ...] = ()
     poison_point: str | None = None
     fail_body_rate: float = 0.0
+    refuse_status: int = 0
+    refuse_code: str = ""
+    refuse_point: str | None = None
+    refuse_body: str | None = None
+    refuse_body_size: int = 0
+    redirect_status: int = 0
+    redirect_location: str = "http://127.0.0.1:9/elsewhere"
+    answer_pieces: int = 1
+    piece_delay_ms: float = 0.0
+    retry_after_raw: str | None = None
 
     def __post_init__(self) -> None:
         """Check every field.
@@ -158,6 +180,26 @@ class Faults:
             raise ValueError("retry_after_ms must be a non-negative integer or null")
         if not _is_number(self.latency_ms) or self.latency_ms < 0:
             raise ValueError("latency_ms must be a non-negative number")
+        for name, low, high in (
+            ("refuse_status", 0, 599),
+            ("redirect_status", 0, 399),
+            ("answer_pieces", 1, 100_000),
+            ("refuse_body_size", 0, 64 * 1024 * 1024),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}")
+        if self.redirect_status and self.redirect_status < 300:
+            raise ValueError("redirect_status must be a 3xx status (or 0: off)")
+        if not _is_number(self.piece_delay_ms) or self.piece_delay_ms < 0:
+            raise ValueError("piece_delay_ms must be a non-negative number")
+        for name in ("refuse_code", "redirect_location"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string")
+        for name in ("refuse_point", "refuse_body", "retry_after_raw"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or null")
         if not isinstance(self.outage, bool):
             raise TypeError("outage must be true or false")
         if self.poison_point is not None and (
@@ -262,15 +304,22 @@ class StoredEntry:
 
 
 class _Reject(Exception):
-    """Answer the current request with a gateway error."""
+    """Answer the current request with a gateway error (or, for a hostile cloud, raw text)."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, retry_after_ms: int | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: str | None = None,
+        raw_body: bytes | None = None,
     ) -> None:
         self.status = status
         self.code = code
         self.message = message
-        self.retry_after_ms = retry_after_ms
+        self.retry_after = retry_after
+        self.raw_body = raw_body
         super().__init__(f"{code}: {message}")
 
 
@@ -392,7 +441,7 @@ class CloudStub:
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         return app
 
-    async def _handle_push(self, request: web.Request) -> web.Response:
+    async def _handle_push(self, request: web.Request) -> web.StreamResponse:
         self._requests += 1
         faults = self._faults
         # Like the real service, the request is read and processed first and the answer is
@@ -400,6 +449,11 @@ class CloudStub:
         body = await request.read()
         now = self._clock()
         self._last_request_time = now
+        if faults.redirect_status:
+            self._rejected[f"HTTP {faults.redirect_status}"] += 1
+            return web.Response(
+                status=faults.redirect_status, headers={"Location": faults.redirect_location}
+            )
         try:
             answer = self._process(request, body, faults, now)
         except _Reject as reject:
@@ -410,6 +464,8 @@ class CloudStub:
             response = _json_response(200, {"requestId": _request_id(), "data": answer})
         if faults.latency_ms > 0:
             await asyncio.sleep(faults.latency_ms / 1000)
+        if faults.answer_pieces > 1:
+            return await _in_pieces(request, response, faults)
         return response
 
     def _process(self, request: web.Request, body: bytes, faults: Faults, now: float) -> str:
@@ -425,13 +481,18 @@ class CloudStub:
                 429,
                 "Throttling.User",
                 "Request was denied due to user flow control.",
-                retry_after_ms=faults.retry_after_ms,
+                retry_after=_retry_after(faults),
             )
         if faults.error_rate > 0 and rng.random() < faults.error_rate:
             raise _Reject(503, "ServiceUnavailable", "The service is unavailable (injected error).")
         device_type, devices = _validate_body(body)
         if faults.poison_point is not None:
             _check_poison(devices, faults.poison_point)
+        if faults.refuse_status and (
+            faults.refuse_point is None
+            or any(faults.refuse_point in entry["data"] for entry in devices)
+        ):
+            raise _hostile_refusal(faults)
         if faults.fail_body_rate > 0 and rng.random() < faults.fail_body_rate:
             self._fail_body += 1
             return "fail"
@@ -573,8 +634,14 @@ class CloudStub:
     def _error_response(self, request: web.Request, reject: _Reject) -> web.Response:
         request_id = _request_id()
         headers = {"x-acs-request-id": request_id}
-        if reject.retry_after_ms is not None:
-            headers["x-acs-retry-after"] = str(reject.retry_after_ms)
+        if reject.retry_after is not None:
+            headers["x-acs-retry-after"] = reject.retry_after
+        if reject.raw_body is not None:
+            return web.Response(status=reject.status, body=reject.raw_body, headers=headers)
+        if not reject.code:
+            return _json_response(
+                reject.status, {"RequestId": request_id, "Message": reject.message}, headers=headers
+            )
         return _json_response(
             reject.status,
             {
@@ -909,6 +976,45 @@ async def _serve(options: StubOptions) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _retry_after(faults: Faults) -> str | None:
+    """The ``x-acs-retry-after`` text of a throttled answer, if any."""
+    if faults.retry_after_raw is not None:
+        return faults.retry_after_raw
+    return None if faults.retry_after_ms is None else str(faults.retry_after_ms)
+
+
+def _hostile_refusal(faults: Faults) -> _Reject:
+    """The refusal a hostile cloud answers with (see :class:`Faults`)."""
+    raw: bytes | None = None
+    if faults.refuse_body is not None or faults.refuse_body_size:
+        raw = (faults.refuse_body or "").encode()
+        raw += b"x" * max(0, faults.refuse_body_size - len(raw))
+    return _Reject(
+        faults.refuse_status,
+        faults.refuse_code,
+        f"Refused with {faults.refuse_code or 'no code'} (injected).",
+        raw_body=raw,
+    )
+
+
+async def _in_pieces(
+    request: web.Request, response: web.Response, faults: Faults
+) -> web.StreamResponse:
+    """Send ``response``'s body in ``answer_pieces`` chunks with pauses between them."""
+    body = bytes(response.body) if isinstance(response.body, (bytes, bytearray)) else b""
+    stream = web.StreamResponse(status=response.status, headers=response.headers)
+    stream.enable_chunked_encoding()
+    await stream.prepare(request)
+    pieces = min(faults.answer_pieces, max(1, len(body)))
+    size = -(-len(body) // pieces)
+    for start in range(0, len(body), size):
+        await stream.write(body[start : start + size])
+        if faults.piece_delay_ms and start + size < len(body):
+            await asyncio.sleep(faults.piece_delay_ms / 1000)
+    await stream.write_eof()
+    return stream
 
 
 def _check_poison(devices: list[dict[str, Any]], point: str) -> None:
