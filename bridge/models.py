@@ -77,7 +77,8 @@ class Reading:
 
     Attributes:
         device_type: Energy Expert device type code, as a string (``"1"`` for electric meters).
-        device_id: the device id (system_id for types 12/13/17), ``None`` for types 15/16.
+        device_id: the device id (system_id for types 12/13/17); for types 15/16, which send
+            none, the topic's id when it has one (it keeps sources apart), else ``None``.
         record_ts: the reading's time, epoch seconds (UTC).
         record_time: ``record_ts`` in the configured timezone as ``YYYY-MM-DD HH:MM:SS``.
         received_at: when the message carrying it arrived, epoch seconds.
@@ -175,10 +176,15 @@ class SpooledReading:
 
 @dataclass(slots=True, frozen=True)
 class BatchKey:
-    """How readings are partitioned into requests: one device type, one recordTime window."""
+    """How readings are partitioned into requests: one device type, one recordTime window.
+
+    For the types whose entries carry no deviceId (15, 16), also one source: readings of two
+    sources at the same recordTime would otherwise merge into one entry.
+    """
 
     device_type: str
     window: int  # record_ts // batch.window_secs
+    source: str | None = None
 
 
 def serialize_entry(device_id: str | None, record_time: str, data_json: bytes) -> bytes:

@@ -163,7 +163,14 @@ class Metrics:
         )
         self.mqtt_session_takeovers = Counter(
             "bridge_mqtt_session_takeovers_total",
-            "Times another connection with our client id took the session over (MQTT v5)",
+            "Times the broker said another connection with our client id took the session"
+            " (MQTT v5 reason 142; mosquitto 2.0 does not say it)",
+            registry=r,
+        )
+        self.mqtt_short_connections = Counter(
+            "bridge_mqtt_short_connections_total",
+            "Connections the broker closed within 10 s of CONNACK (a takeover loop, a broker"
+            " refusing us)",
             registry=r,
         )
         self.mqtt_reconnects = Counter(

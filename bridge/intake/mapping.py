@@ -63,9 +63,11 @@ __all__ = ["REASONS", "Mapper", "format_record_time", "parse_time"]
 
 REASONS: Final[tuple[str, ...]] = (
     "bad_topic",  # the topic is not valid UTF-8
+    "topic_too_long",  # the topic has more than 1024 bytes (bounds the caches' memory)
     "no_route",  # no route template matches the topic
     "bad_device_type",  # deviceType is not a non-empty string of ASCII digits
     "missing_device_id",  # deviceId is required for this type but absent or an empty level
+    "device_id_too_long",  # deviceId has more than 128 characters
     "bad_point",  # a point name is empty, not valid Unicode, or doubled by renames
     "payload_too_large",  # payload exceeds max_payload_bytes (checked before decoding)
     "empty_payload",  # zero-length payload, e.g. a retained message being cleared
@@ -79,8 +81,6 @@ REASONS: Final[tuple[str, ...]] = (
     "bad_time",  # the time is unparseable, negative, or outside 2000-2100
 )
 
-# Types whose devices[] entries must omit deviceId (see the push API notes).
-
 _MIN_TS: Final = 946_684_800  # 2000-01-01T00:00:00Z
 _MAX_TS: Final = 4_133_980_800  # 2101-01-01T00:00:00Z (exclusive)
 _MS_THRESHOLD: Final = 100_000_000_000  # epoch values above this are milliseconds
@@ -88,6 +88,11 @@ _MAX_EPOCH_TEXT: Final = 40  # longer numeric time strings cannot be in range
 _UNIX_EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 
 _CACHE_SIZE: Final = 16_384
+MAX_TOPIC_BYTES: Final = 1024
+"""Longer topics are rejected: the topic cache and the metrics hold topics, so their length
+bounds the memory those take (16,384 cached topics, at most 16 MiB)."""
+MAX_DEVICE_ID: Final = 128
+"""Longer device ids are rejected (the device freshness table holds up to 100,000 of them)."""
 _EXCERPT: Final = 60
 _MAX_SCALED_EXPONENT: Final = 1000  # bounds the length of format(d, "f") output
 
@@ -537,6 +542,11 @@ class Mapper:
         return readings
 
     def _resolve(self, topic: bytes) -> tuple[_Matcher, str, str | None, str]:
+        if len(topic) > MAX_TOPIC_BYTES:
+            raise MappingError(
+                "topic_too_long",
+                f"topic has {len(topic)} bytes, more than the limit of {MAX_TOPIC_BYTES}",
+            )
         try:
             text = topic.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -565,15 +575,19 @@ class Mapper:
                 )
         else:
             device_type = matcher.fixed_type
-        device_id: str | None = None
-        if device_type not in NO_DEVICE_ID_TYPES:
-            device_id = levels[matcher.id_index] if matcher.id_index >= 0 else ""
-            if not device_id:
-                raise MappingError(
-                    "missing_device_id",
-                    f"topic {_clip(text)} gives no deviceId, which device type {device_type}"
-                    " requires",
-                )
+        # Types 15 and 16 send no deviceId, but one found in the topic is kept: it keeps the
+        # readings of different sources apart (they are batched separately).
+        device_id = (levels[matcher.id_index] if matcher.id_index >= 0 else "") or None
+        if device_type not in NO_DEVICE_ID_TYPES and not device_id:
+            raise MappingError(
+                "missing_device_id",
+                f"topic {_clip(text)} gives no deviceId, which device type {device_type} requires",
+            )
+        if device_id is not None and len(device_id) > MAX_DEVICE_ID:
+            raise MappingError(
+                "device_id_too_long",
+                f"deviceId has {len(device_id)} characters, more than the limit of {MAX_DEVICE_ID}",
+            )
         point = ""
         if matcher.point_index >= 0:
             point = levels[matcher.point_index]

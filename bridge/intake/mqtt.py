@@ -53,9 +53,13 @@ _PACKETS_PER_WAKEUP = 2000
 _PUBLISH = 0x30
 _HEADER_ALLOWANCE = 70_000
 """Bytes a PUBLISH may carry besides its payload: a topic of up to 64 KiB and properties."""
+_MIN_PACKET_LIMIT = 1024 * 1024
 _SESSION_TAKEN_OVER = 142
 """MQTT v5 DISCONNECT reason code: another connection took over this client id's session."""
-_TAKEOVER_WINDOW_SECS = 60.0
+_SHORT_CONNECTION_SECS = 10.0
+"""A connection the broker closes sooner than this after CONNACK counts as a flap."""
+_FLAP_WINDOW_SECS = 60.0
+_FLAPS_NOT_READY = 3
 
 
 class _BufferedClient(paho.Client):
@@ -154,7 +158,8 @@ class MqttSource:
         # backlog arrives before the SUBACK), not only once subscribed.
         self._session_up = False
         self._session_present = False
-        self._takeovers: list[float] = []
+        self._flaps: list[float] = []
+        self._connected_at = 0.0
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[ReasonCode] | None = None
@@ -233,19 +238,20 @@ class MqttSource:
             while not self._stopping:
                 problem = await self._connect_once()
                 if problem is None:
-                    takeovers = len(self._takeovers)
                     await self._disconnected.wait()
                     if self._stopping:
                         break
                     problem = "connection lost"
-                    if len(self._takeovers) == takeovers:
-                        attempt = 0
+                    if time.monotonic() - self._connected_at < _SHORT_CONNECTION_SECS:
+                        # Closed right after it was made: typically another client with our
+                        # client id taking the session. Reconnecting at once would take it
+                        # back and start a loop with that client: back off instead.
+                        self._note_flap()
+                        problem = "connection closed right after it was made"
                     else:
-                        # Taken over: reconnecting at once would take it back and start a
-                        # loop with the other client; back off like after a failure.
-                        problem = "session taken over by another connection"
+                        attempt = 0
                 self._health.set(
-                    "mqtt", self._takeover_problem() or f"broker {self._where}: {problem}"
+                    "mqtt", self._flapping_problem() or f"broker {self._where}: {problem}"
                 )
                 attempt += 1
                 delay = backoff(
@@ -307,10 +313,14 @@ class MqttSource:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry_secs
             props.ReceiveMaximum = s.receive_maximum
-            # The broker must not send us more than this (it drops such messages itself);
-            # v3.1.1 has no such property: there the client drops the excess (see
-            # _BufferedClient), and mosquitto's message_size_limit bounds it broker-side.
-            props.MaximumPacketSize = s.max_payload_bytes + _HEADER_ALLOWANCE
+            # The broker must not send us more than this (it drops such messages itself). Up
+            # to it, oversized messages still arrive and are dead-lettered with their first
+            # KiB, reading no more than max_payload_bytes of them (_BufferedClient); v3.1.1
+            # has no such property: there the client's guard alone bounds memory, and
+            # mosquitto's message_size_limit can bound it broker-side.
+            props.MaximumPacketSize = max(_MIN_PACKET_LIMIT, 4 * s.max_payload_bytes) + (
+                _HEADER_ALLOWANCE
+            )
             kwargs = {"clean_start": False, "properties": props}
         try:
             await self._loop.run_in_executor(
@@ -440,7 +450,7 @@ class MqttSource:
             self._client.loop_misc()
             if self._connected.is_set():
                 # Ends the takeover condition once a minute has passed without one.
-                self._health.set("mqtt", self._takeover_problem())
+                self._health.set("mqtt", self._flapping_problem())
 
     def _on_connect(
         self,
@@ -455,6 +465,7 @@ class MqttSource:
         if reason.is_failure:
             return
         self._generation += 1
+        self._connected_at = time.monotonic()
         self._session_up = True
         self._session_present = bool(_flags.session_present)
         self._connects += 1
@@ -494,7 +505,7 @@ class MqttSource:
         self._metrics.mqtt_subscriptions.set(len(self._subscriptions))
         self._metrics.mqtt_connected.set(1)
         self._connected.set()
-        self._health.set("mqtt", self._takeover_problem())
+        self._health.set("mqtt", self._flapping_problem())
 
     def _on_disconnect(
         self,
@@ -509,36 +520,38 @@ class MqttSource:
         self._metrics.mqtt_connected.set(0)
         self._metrics.mqtt_subscriptions.set(0)
         if reason.value == _SESSION_TAKEN_OVER:
-            self._note_takeover()
-        elif not self._stopping:
+            # Said plainly by v5 brokers that send it (EMQX, HiveMQ); mosquitto 2.0 just
+            # closes the old connection, which the short-connection rule catches.
+            self._metrics.mqtt_session_takeovers.inc()
+        if not self._stopping:
             log.info("mqtt connection closed", extra={"reason": str(reason)})
         self._disconnected.set()
 
-    def _note_takeover(self) -> None:
-        """Another client connected with our client id and took the session (v5 reason 142)."""
+    def _note_flap(self) -> None:
+        """The broker closed a connection right after it was made."""
         now = time.monotonic()
-        self._takeovers = [t for t in self._takeovers if now - t < _TAKEOVER_WINDOW_SECS]
-        self._takeovers.append(now)
-        self._metrics.mqtt_session_takeovers.inc()
-        problem = self._takeover_problem()
-        if problem is not None:
-            self._health.set("mqtt", problem)
+        self._flaps = [t for t in self._flaps if now - t < _FLAP_WINDOW_SECS]
+        self._flaps.append(now)
+        self._metrics.mqtt_short_connections.inc()
         self._reconnect_log.log(
-            "takeover",
+            "flap",
             logging.ERROR,
-            "mqtt session taken over by another connection with the same client id",
-            {"client_id": self._settings.client_id, "in_last_minute": len(self._takeovers)},
+            "the broker closed the connection right after it was made; is another client"
+            " using the same mqtt.client_id?",
+            {"client_id": self._settings.client_id, "in_last_minute": len(self._flaps)},
         )
 
-    def _takeover_problem(self) -> str | None:
-        """Not ready while the session keeps being taken over (two bridges, one client id)."""
+    def _flapping_problem(self) -> str | None:
+        """Not ready while connections keep being closed at once (two bridges, one client id:
+        each takes the session from the other, and acks of the lost connection are lost)."""
         now = time.monotonic()
-        recent = [t for t in self._takeovers if now - t < _TAKEOVER_WINDOW_SECS]
-        if len(recent) < 2:
+        recent = [t for t in self._flaps if now - t < _FLAP_WINDOW_SECS]
+        if len(recent) < _FLAPS_NOT_READY:
             return None
         return (
-            f"session taken over {len(recent)} times in {_TAKEOVER_WINDOW_SECS:.0f} s: another"
-            f" client uses mqtt.client_id {self._settings.client_id!r}"
+            f"the broker closed {len(recent)} connections right after CONNACK in the last"
+            f" {_FLAP_WINDOW_SECS:.0f} s: another client may be using mqtt.client_id"
+            f" {self._settings.client_id!r} (session takeover)"
         )
 
     def _on_paho_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:

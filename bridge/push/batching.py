@@ -95,13 +95,18 @@ class Batcher:
     def add(self, item: SpooledReading) -> list[Batch]:
         """Add one reading; returns the batches this closed (usually none)."""
         reading = item.reading
-        key = BatchKey(reading.device_type, reading.record_ts // self.window_secs)
+        no_id = reading.device_type in NO_DEVICE_ID_TYPES
+        key = BatchKey(
+            reading.device_type,
+            reading.record_ts // self.window_secs,
+            reading.device_id if no_id else None,
+        )
         batch = self._open.get(key)
         if batch is None:
             # Linger counts from the first reading's arrival, not from when it reached the
             # batcher: a backlog read back from the spool goes out at once.
             batch = self._open[key] = _Open(key, min(self.clock(), reading.received_at))
-        device_id = None if reading.device_type in NO_DEVICE_ID_TYPES else reading.device_id
+        device_id = None if no_id else reading.device_id
         ekey = (device_id, reading.record_time)
         entry = batch.entries.get(ekey)
         # The points' JSON text is made once per reading (and kept: it is what is sent).

@@ -73,7 +73,12 @@ class Publisher:
         return self._inner.submitted
 
     def publish_many(
-        self, items: Iterable[tuple[str, bytes]], qos: int = 1, timeout: float = 60.0
+        self,
+        items: Iterable[tuple[str, bytes]],
+        qos: int = 1,
+        timeout: float = 60.0,
+        *,
+        retain: bool = False,
     ) -> int:
         """Publish every ``(topic, payload)`` and wait for all acknowledgements.
 
@@ -87,7 +92,9 @@ class Publisher:
         deadline = time.monotonic() + timeout
         count = 0
         for topic, payload in items:
-            self._inner.publish(topic, payload, qos, timeout=max(0.0, deadline - time.monotonic()))
+            self._inner.publish(
+                topic, payload, qos, timeout=max(0.0, deadline - time.monotonic()), retain=retain
+            )
             count += 1
         if not self._inner.wait_all(max(0.0, deadline - time.monotonic())):
             raise TimeoutError(
@@ -97,9 +104,17 @@ class Publisher:
             raise AssertionError(f"the broker refused {self._inner.failed} message(s)")
         return count
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        timeout: float = 10.0,
+        *,
+        retain: bool = False,
+    ) -> None:
         """Publish one message and wait for its acknowledgement."""
-        self.publish_many([(topic, payload)], qos=qos, timeout=timeout)
+        self.publish_many([(topic, payload)], qos=qos, timeout=timeout, retain=retain)
 
     def close(self) -> None:
         """Disconnect. Safe to call twice."""

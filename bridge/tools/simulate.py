@@ -479,6 +479,7 @@ class WindowedPublisher:
         *,
         timeout: float = 60.0,
         abort: threading.Event | None = None,
+        retain: bool = False,
     ) -> bool:
         """Publish once fewer than ``window`` messages are unacknowledged.
 
@@ -486,6 +487,7 @@ class WindowedPublisher:
             topic: the topic.
             payload: the payload.
             qos: 0, 1 or 2.
+            retain: ask the broker to keep the message as the topic's retained one.
             timeout: longest wait for room in the window.
             abort: when set while waiting, give up and return ``False``.
 
@@ -512,7 +514,7 @@ class WindowedPublisher:
             self._submitted += 1
             self._max_outstanding = max(self._max_outstanding, self._submitted - self._acked)
         try:
-            info = self._client.publish(topic, payload, qos=qos)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except BaseException:
             self._unsubmit()
             raise

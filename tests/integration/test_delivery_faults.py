@@ -677,7 +677,7 @@ def test_success_answer_without_data_success_is_retried(
     wait_until(lambda: bridge.metric("bridge_spool_readings") == 0, 15, message="spool empty")
     missing, duplicates, _ = _account(stub, total)
     fail_answers = stub.stats()["fail_body"]
-    retried = bridge.metric("bridge_push_requests_total", outcome="retry", code="200")
+    retried = bridge.metric("bridge_push_requests_total", outcome="refused", code="200")
     _report(
         "fail bodies",
         published=total,

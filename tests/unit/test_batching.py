@@ -605,6 +605,28 @@ def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
     assert expected == (part.rids, part.received_ats, part.body)
 
 
+def test_batching_types_without_device_id_keep_their_sources_apart() -> None:
+    """Test that readings of types 15/16 from two sources at the same recordTime never merge
+    into one entry (they go out in separate requests, each without a deviceId)."""
+    batcher = _batcher()
+    _add_all(
+        batcher,
+        [
+            _item(1, "site-a", device_type="15", data={"P": "1"}),
+            _item(2, "site-b", device_type="15", data={"P": "2"}),
+            _item(3, "site-a", device_type="15", data={"Q": "3"}),
+        ],
+    )
+
+    batches = batcher.flush()
+
+    expected = [[{"P": "1", "Q": "3"}], [{"P": "2"}]]
+    assert expected == sorted(
+        ([d["data"] for d in _devices(b)] for b in batches), key=lambda ds: ds[0]["P"]
+    )
+    assert all("deviceId" not in d for b in batches for d in _devices(b))
+
+
 def test_batching_batch_key_is_a_hashable_value() -> None:
     """Test that equal BatchKeys are one dict key and a BatchKey cannot be changed."""
     keys = {BatchKey("1", 5): "a", BatchKey("1", 5): "b", BatchKey("2", 5): "c"}
@@ -679,7 +701,8 @@ def test_batching_property_every_row_in_exactly_one_entry(
         for group, device in zip(batch.entry_rids, body["devices"], strict=True):
             for rid in group:
                 reading = by_rid[rid]
-                assert batch.key == BatchKey(reading.device_type, reading.record_ts // 60)
+                source = reading.device_id if reading.device_type in {"15", "16"} else None
+                assert batch.key == BatchKey(reading.device_type, reading.record_ts // 60, source)
                 assert reading.record_time == device["recordTime"]
             # later values win: each point holds the value of the last reading that had it
             expected: dict[str, str] = {}

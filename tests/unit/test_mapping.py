@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from bridge.config import PayloadFormat, Route
 from bridge.errors import ConfigError, MappingError
 from bridge.intake.mapping import REASONS, Mapper, format_record_time, parse_time
-from bridge.models import Reading
+from bridge.models import NO_DEVICE_ID_TYPES, Reading, serialize_entry
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 UTC = ZoneInfo("UTC")
@@ -493,11 +493,27 @@ def test_device_id_is_kept_for_types_that_need_it(device_type: str) -> None:
 
 @pytest.mark.parametrize("device_type", ["15", "16"])
 def test_device_id_is_omitted_for_types_15_and_16(device_type: str) -> None:
-    """Test that types 15/16 never carry a deviceId, even when the topic has one."""
+    """Test that types 15/16 never send a deviceId, even when the topic has one; the topic's id
+    stays with the reading only to keep the sources apart (see the batching tests)."""
     reading = _one('{"P": 1}', f"meters/{device_type}/sys-9/telemetry".encode())
+    no_level = _one(
+        '{"P": 1}',
+        f"site/{device_type}/data".encode(),
+        _mapper(Route(topic="site/{deviceType}/data")),
+    )
 
-    expected = (device_type, None)
-    assert expected == (reading.device_type, reading.device_id)
+    entry = serialize_entry(
+        None if reading.device_type in NO_DEVICE_ID_TYPES else reading.device_id,
+        reading.record_time,
+        reading.data_json,
+    )
+    expected = (device_type, "sys-9", None, False)
+    assert expected == (
+        reading.device_type,
+        reading.device_id,
+        no_level.device_id,
+        b"deviceId" in entry,
+    )
 
 
 @pytest.mark.parametrize("device_type", ["1", "12", "13", "17"])
@@ -783,7 +799,8 @@ def test_property_any_message_maps_or_raises_mapping_error(
         assert all(type(k) is str and k and type(v) is str for k, v in reading.data.items())
         assert RECORD_TIME.fullmatch(reading.record_time)
         assert reading.device_type.isdigit()
-        assert (reading.device_type in {"15", "16"}) == (reading.device_id is None)
+        # Types 15/16 send no deviceId; one from the topic only keeps sources apart.
+        assert reading.device_type in {"15", "16"} or reading.device_id
         json.dumps(reading.data).encode()
         for key, value in reading.data.items():
             key.encode()
@@ -848,3 +865,17 @@ def test_property_parse_time_gives_an_in_range_epoch_or_bad_time(value: object) 
         reason = None
         assert 946684800 <= ts < 4133980800
     assert reason in {None, "bad_time"}
+
+
+def test_long_topics_and_device_ids_are_rejected_to_bound_memory() -> None:
+    """Test that a topic over 1024 bytes and a deviceId over 128 characters are rejected with
+    their own reasons (1,000 distinct 60 kB ids used to cost ~180 MB of caches)."""
+    long_id = "m" * 129
+    long_topic = ("meters/1/" + "m" * 1100 + "/telemetry").encode()
+
+    expected = ["device_id_too_long", "topic_too_long"]
+    assert expected == [
+        _reject('{"P": 1}', f"meters/1/{long_id}/telemetry".encode()).reason,
+        _reject('{"P": 1}', long_topic).reason,
+    ]
+    assert _one('{"P": 1}', f"meters/1/{'m' * 128}/telemetry".encode()).data == {"P": "1"}
