@@ -53,6 +53,12 @@ class Metrics:
         self.readings_accepted = Counter(
             "bridge_readings_accepted_total", "Readings committed to the spool", registry=r
         )
+        self.messages_redelivered = Counter(
+            "bridge_mqtt_redelivered_messages_total",
+            "QoS 1 messages the broker sent again (DUP flag): an earlier copy may already be"
+            " in the spool (its ack was lost with the connection or a crash)",
+            registry=r,
+        )
         self.messages_skipped = Counter(
             "bridge_messages_skipped_total",
             "Messages that are not readings and need none (retained copies seen before), by"

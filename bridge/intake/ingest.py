@@ -116,6 +116,7 @@ class Ingest:
         self._receiver: asyncio.Task[None] | None = None
         self._reject_log = Throttled(log)
         self._received_counts: dict[str, int] = {}
+        self._dup_count = 0
         self._next_freshness = 0.0
 
     def silent_devices(self, silent_after: float, now: float) -> int:
@@ -138,6 +139,8 @@ class Ingest:
         # counter takes a lock on every inc(), too dear per message at these rates.
         route = self._mapper.route_of(inbound.topic)
         self._received_counts[route] = self._received_counts.get(route, 0) + 1
+        if inbound.dup:
+            self._dup_count += 1
         if inbound.retained_replay:
             # Acknowledged in its turn, with the commit of the messages around it.
             self._metrics.messages_skipped.labels("retained_replay").inc()
@@ -240,6 +243,9 @@ class Ingest:
         counts, self._received_counts = self._received_counts, {}
         for route, n in counts.items():
             self._metrics.messages_received.labels(route).inc(n)
+        if self._dup_count:
+            self._metrics.messages_redelivered.inc(self._dup_count)
+            self._dup_count = 0
         self._metrics.mqtt_unacked.set(len(self._pending))
         now = time.monotonic()
         if now >= self._next_freshness:

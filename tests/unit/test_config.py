@@ -316,12 +316,15 @@ def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
     assert "" == _error(path).key
 
 
-@pytest.mark.parametrize("text", ["on: true\n", "1884: mqtt\n"])
+@pytest.mark.parametrize(("text", "key"), [("on: true\n", "True"), ("1884: mqtt\n", "1884")])
 def test_config_top_level_key_that_is_not_a_string(
-    write: typing.Callable[[str], Path], text: str
+    write: typing.Callable[[str], Path], text: str, key: str
 ) -> None:
-    """Test that a top-level key YAML reads as a bool or number is a ConfigError."""
-    assert isinstance(_error(write(text)), ConfigError)
+    """Test that a top-level key YAML reads as a bool or number is a ConfigError naming that
+    key as YAML read it and saying how to fix it (quote the key)."""
+    error = _error(write(text))
+
+    assert (key, True) == (error.key, "quote the key" in error.message)
 
 
 # -- the model as documentation -------------------------------------------------------------
