@@ -19,6 +19,7 @@ from bridge.testing.mqtt import Publisher, Subscriber
 from bridge.testing.network import (
     DelayProxy,
     FaultUnsupported,
+    MqttProbe,
     NetNamespace,
     NetnsMosquitto,
     NetnsStub,
@@ -59,6 +60,7 @@ __all__ = [
     "DelayProxy",
     "FaultUnsupported",
     "Mosquitto",
+    "MqttProbe",
     "NetNamespace",
     "NetnsMosquitto",
     "NetnsStub",

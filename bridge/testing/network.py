@@ -79,6 +79,7 @@ __all__ = [
     "ADDRESS_POOL",
     "DelayProxy",
     "FaultUnsupported",
+    "MqttProbe",
     "NetNamespace",
     "NetnsMosquitto",
     "NetnsStub",
@@ -1193,29 +1194,80 @@ def _expect_connack(packet: bytes) -> None:
         raise ConnectionError(f"the broker refused the connection: CONNACK {packet!r}")
 
 
-def _mqtt_connect(host: str, port: int, timeout: float) -> socket.socket:
-    """Open a TCP connection and complete an MQTT 3.1.1 CONNECT/CONNACK on it."""
-    client_id = f"probe-{secrets.token_hex(4)}".encode()
-    variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # MQTT 3.1.1, clean session, keepalive 60 s
-    body = variable + len(client_id).to_bytes(2, "big") + client_id
-    sock = socket.create_connection((host, port), timeout=timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(bytes([0x10, len(body)]) + body)
-        _expect_connack(_recv_exact(sock, 4))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+class MqttProbe:
+    """A bare MQTT 3.1.1 connection that only pings: times round trips through a path.
+
+    Connects (CONNECT/CONNACK, clean session, keepalive 60 s) on construction. :meth:`ping`
+    times one PINGREQ -> PINGRESP; :meth:`send_ping` and :meth:`recv_pong` split it, to see a
+    ping hang during a partition and complete after :meth:`RemoteHost.heal`.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        """Connect and wait for the CONNACK.
+
+        Raises:
+            OSError: no connection, no CONNACK within ``timeout`` (``TimeoutError``), or a
+                refusal (``ConnectionError``).
+        """
+        client_id = f"probe-{secrets.token_hex(4)}".encode()
+        variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # MQTT 3.1.1, clean session, keepalive 60 s
+        body = variable + len(client_id).to_bytes(2, "big") + client_id
+        self._sent_at = 0.0
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(bytes([0x10, len(body)]) + body)
+            _expect_connack(_recv_exact(self.sock, 4))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def send_ping(self) -> None:
+        """Send a PINGREQ (and start the clock)."""
+        self._sent_at = time.monotonic()
+        self.sock.sendall(b"\xc0\x00")
+
+    def recv_pong(self, timeout: float = 5.0) -> float:
+        """Wait for the PINGRESP; return seconds since :meth:`send_ping`.
+
+        Raises:
+            TimeoutError: none within ``timeout`` (the probe stays usable: call again).
+            ConnectionError: the connection was closed or reset.
+        """
+        self.sock.settimeout(timeout)
+        answer = _recv_exact(self.sock, 2)
+        elapsed = time.monotonic() - self._sent_at
+        if answer != b"\xd0\x00":
+            raise ConnectionError(f"expected PINGRESP, got {answer!r}")
+        return elapsed
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """One PINGREQ -> PINGRESP round trip, seconds."""
+        self.send_ping()
+        return self.recv_pong(timeout)
+
+    def close(self) -> None:
+        """Send DISCONNECT (if still possible) and close. Safe to call twice."""
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(0.5)
+            self.sock.sendall(b"\xe0\x00")
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        """Return self (already connected)."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close."""
+        self.close()
 
 
 def mqtt_connect_ok(host: str, port: int, timeout: float = 1.0) -> bool:
     """Whether an MQTT CONNECT to ``host:port`` gets a successful CONNACK within ``timeout``."""
     try:
-        sock = _mqtt_connect(host, port, timeout)
+        MqttProbe(host, port, timeout).close()
     except OSError:
         return False
-    sock.close()
     return True
 
 
@@ -1225,21 +1277,8 @@ def mqtt_ping_rtts(host: str, port: int, count: int = 5, timeout: float = 5.0) -
     Raises:
         OSError: the connection failed or a PINGRESP did not come within ``timeout``.
     """
-    rtts: list[float] = []
-    sock = _mqtt_connect(host, port, timeout)
-    try:
-        for _ in range(count):
-            started = time.monotonic()
-            sock.sendall(b"\xc0\x00")
-            answer = _recv_exact(sock, 2)
-            rtts.append(time.monotonic() - started)
-            if answer != b"\xd0\x00":
-                raise ConnectionError(f"expected PINGRESP, got {answer!r}")
-        with contextlib.suppress(OSError):
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
-    finally:
-        sock.close()
-    return rtts
+    with MqttProbe(host, port, timeout) as probe:
+        return [probe.ping(timeout) for _ in range(count)]
 
 
 def wait_mqtt_reachable(host: str, port: int, timeout: float = 10.0) -> None:
