@@ -7,7 +7,10 @@ with a reset at once, nothing is slow. This module puts a real (virtual) link in
   namespace by a veth pair on a private /30 out of ``10.203.0.0/16``: the host end is ``.1``
   (e.g. ``10.203.18.1``), the namespace end ``.2``. The block is picked so that it overlaps no
   address or route of the host (under a lock, so parallel runs cannot pick the same one), and
-  only these namespace addresses are ever a target. A process runs inside with
+  only these namespace addresses are ever a target: while the harness is in use the rest of
+  the pool is an ``unreachable`` route, so a client still aiming at a deleted namespace gets
+  "no route to host" instead of sending packets to the default gateway (the route is removed
+  at exit by the last user). A process runs inside with
   ``ip netns exec NAME argv...`` (:meth:`NetNamespace.popen`, and :class:`NetnsMosquitto` /
   :class:`NetnsStub`, which are :class:`~bridge.testing.processes.Mosquitto` and
   :class:`~bridge.testing.processes.StubProcess` listening on the namespace's address).
@@ -190,14 +193,36 @@ def _used_networks(ip: str) -> list[ipaddress.IPv4Network]:
     routes = _run([ip, "-4", "route", "show", "table", "all"], check=False).stdout
     for line in routes.splitlines():
         words = line.split()
-        if not words:
-            continue
-        dest = words[1] if words[0] in {"local", "broadcast", "unicast", "blackhole"} else words[0]
+        if len(words) < 2 or words[:2] == ["unreachable", str(ADDRESS_POOL)]:
+            continue  # no route, or the harness's own guard
+        dest = words[1] if words[0] in _ROUTE_TYPES else words[0]
         if dest == "default":
             continue
         with contextlib.suppress(ValueError):
             used.append(ipaddress.IPv4Network(dest, strict=False))
     return used
+
+
+_ROUTE_TYPES: Final = frozenset(
+    {"unicast", "local", "broadcast", "multicast", "anycast", "blackhole", "unreachable"}
+    | {"prohibit", "throw", "nat"}
+)
+
+
+def _guard_pool(ip: str) -> None:
+    """Make the whole pool unreachable except through the namespaces' own /30 routes.
+
+    A client still aiming at a namespace's address after teardown then fails at once with "no
+    route to host" instead of sending its packets to the default gateway.
+    """
+    _run([ip, "route", "replace", "unreachable", str(ADDRESS_POOL)], check=False)
+
+
+def _unguard_pool_if_unused(ip: str) -> None:
+    """Remove the guard route when no harness namespace (of any process) is left."""
+    with _flock(_LOCK_DIR / "allocate.lock"):
+        if not any(_NAME_RE.match(name) for name in _netns_names(ip)):
+            _run([ip, "route", "del", "unreachable", str(ADDRESS_POOL)], check=False)
 
 
 def _pick_block(ip: str, seed: int) -> ipaddress.IPv4Network:
@@ -260,12 +285,18 @@ def cleanup_stale_namespaces() -> list[str]:
 
 
 _LIVE_NAMESPACES: weakref.WeakSet[NetNamespace] = weakref.WeakSet()
+_MADE_ANY = [False]  # whether this process added the guard route (removed at exit if unused)
 
 
 def _delete_leftover_namespaces() -> None:
+    made_any = _MADE_ANY[0]
     for netns in list(_LIVE_NAMESPACES):
         with contextlib.suppress(Exception):
             netns.delete()
+    ip = _ip_binary()
+    if made_any and ip is not None:
+        with contextlib.suppress(Exception):
+            _unguard_pool_if_unused(ip)
 
 
 atexit.register(_delete_leftover_namespaces)
@@ -345,6 +376,8 @@ class NetNamespace:
             _LOCK_DIR.mkdir(parents=True, exist_ok=True)
             with _flock(_LOCK_DIR / "allocate.lock"):
                 self.network = _pick_block(ip, self._seed)
+                _guard_pool(ip)
+                _MADE_ANY[0] = True
                 lock = (_LOCK_DIR / f"{self.name}.lock").open("a")
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._lock = lock
@@ -980,6 +1013,7 @@ class RemoteHost:
         self._peers: list[Mosquitto | StubProcess] = []
         self._proxies: list[DelayProxy] = []
         self._partitioned = False
+        self._stopped = False
 
     @property
     def mode(self) -> NetworkMode:
@@ -1013,6 +1047,8 @@ class RemoteHost:
         Raises:
             NetworkUnavailable: ``mode="netns"`` was asked for and no namespace can be made.
         """
+        if self._stopped:
+            raise RuntimeError("a stopped remote host cannot start again; make a new one")
         if self._mode is not None:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -1043,6 +1079,7 @@ class RemoteHost:
         if self.netns is not None:
             self.netns.delete()
         self._partitioned = False
+        self._stopped = self._mode is not None
 
     def __enter__(self) -> Self:
         """Start."""

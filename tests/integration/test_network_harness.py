@@ -8,10 +8,12 @@ need packets to be dropped skip in ``loopback-proxy`` mode.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -305,6 +307,10 @@ def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> 
     assert not proxy.running
     for host in hosts:
         host.stop()  # again: nothing to do, no error
+    # A client still aiming at a deleted namespace fails at once; nothing leaves the machine.
+    with pytest.raises(OSError, match="No route to host") as refused:
+        socket.create_connection((hosts[0].address, peers[0].port), timeout=5)
+    assert refused.value.errno == errno.EHOSTUNREACH
 
 
 def test_namespace_of_a_killed_process_is_cleaned_up(tmp_path: Path) -> None:
