@@ -38,6 +38,7 @@ from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
 from bridge.push.feeder import Feeder
 from bridge.push.pusher import Pusher
+from bridge.spool.lock import SpoolLock
 from bridge.spool.store import SpoolStore
 from bridge.spool.thread import SpoolThread
 from bridge.stage import Stage
@@ -88,7 +89,17 @@ class App:
             self._pusher.resume_now()
 
     async def run(self) -> None:
-        """Build the stages, run them until stopped, stop them (see the module docstring)."""
+        """Build the stages, run them until stopped, stop them (see the module docstring).
+
+        Raises:
+            SpoolLockedError: another bridge runs on this spool (nothing was started).
+        """
+        # One bridge per spool, checked before anything starts: two would push every row.
+        with SpoolLock(self.settings.spool.path):
+            await self._run()
+        log.info("energy-bridge stopped")
+
+    async def _run(self) -> None:
         self._handle_signals()
         s = self.settings
         async with self._push_client() as client:
@@ -110,7 +121,6 @@ class App:
                     floor = 1.0 if stage is pipeline.ingest else 0.0
                     await stage.stop(max(deadline, time.monotonic() + floor))
                     tasks[stage].cancel()
-        log.info("energy-bridge stopped")
 
     async def _build(self, client: PushClient) -> _Pipeline:
         """The stages, from the cloud end back to the broker (each needs the next one)."""

@@ -6,7 +6,8 @@
     ├── ConfigError               bad configuration; names the offending key
     ├── MappingError              a message that cannot become readings; carries a reason code
     ├── SpoolError                the local spool cannot do what was asked
-    │   └── SpoolFullError        spool.max_bytes reached or the disk is full
+    │   ├── SpoolFullError        spool.max_bytes reached or the disk is full
+    │   └── SpoolLockedError      another energy-bridge runs on this spool
     └── CredentialsError          no usable AccessKey / STS credentials
 
 A push that does not end in ``"success"`` is not an exception: the push client returns a
@@ -26,6 +27,7 @@ __all__ = [
     "MappingError",
     "SpoolError",
     "SpoolFullError",
+    "SpoolLockedError",
 ]
 
 
@@ -66,6 +68,10 @@ class SpoolError(BridgeError):
 
 class SpoolFullError(SpoolError):
     """The spool reached ``spool.max_bytes`` or the disk is full; nothing was written."""
+
+
+class SpoolLockedError(SpoolError):
+    """Another process holds the spool's lock (two bridges would push every row twice)."""
 
 
 class CredentialsError(BridgeError):
