@@ -417,6 +417,34 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _redact_quoted(text: str) -> str:
+    """``text`` with quoted source text (an alias or tag name) replaced by ``'...'``; a quoted
+    single character or escape (``'q'``, ``'\\t'``) is kept: it tells what to fix."""
+
+    def keep_short(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        short = len(inner) <= 1 or (inner.startswith("\\") and len(inner) <= 6)
+        return match.group(0) if short else "'...'"
+
+    return _QUOTED.sub(keep_short, text)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is (line, column, problem), without the source text."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character #x{exc.character:04x} at position {exc.position} is not allowed"
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = _redact_quoted(exc.problem or exc.context or "syntax error")
+        if mark is None:
+            return problem
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return type(exc).__name__
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Load and validate the configuration.
 
@@ -440,7 +468,10 @@ def load_settings(path: Path | None = None) -> Settings:
                 "", f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
             ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError("", f"config file {path} is not valid YAML: {exc}") from exc
+            # Never the exception's text: it quotes the offending line, password and all.
+            raise ConfigError(
+                "", f"config file {path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -289,6 +289,29 @@ def test_config_invalid_yaml(write: typing.Callable[[str], Path]) -> None:
     assert "not valid YAML" in error.message
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("  password: {secret}: x", "line 3, column 33: mapping values are not allowed here"),
+        ("  password: *{secret}", "line 3, column 13: found undefined alias '...'"),
+        ('  password: "{secret}\\q"', "line 3, column 35: found unknown escape character 'q'"),
+    ],
+)
+def test_config_yaml_syntax_error_gives_line_and_column_never_the_text(
+    write: typing.Callable[[str], Path], line: str, expected: str
+) -> None:
+    """Test that a YAML error on the password line names line, column and problem, and
+    neither the error nor its chained causes quote the line (the password)."""
+    secret = "s3cr3t-pa55-v4lue-xy"
+    path = write("mqtt:\n  username: plant\n" + line.format(secret=secret) + "\nbatch: {}\n")
+
+    error = _error(path)
+
+    assert f"config file {path} is not valid YAML: {expected}" == error.message
+    assert (None, True) == (error.__cause__, error.__suppress_context__)
+    assert "pa55" not in str(error)
+
+
 @pytest.mark.parametrize("text", ["- mqtt\n- batch\n", "just a string\n", "42\n"])
 def test_config_top_level_must_be_a_mapping(write: typing.Callable[[str], Path], text: str) -> None:
     """Test that a YAML document that is not a mapping is a ConfigError with an empty key."""
