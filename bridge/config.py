@@ -166,11 +166,17 @@ class Route(_Section):
         if not isinstance(value, dict):
             return value  # the type check reports it
         for point, factor in value.items():
+            if isinstance(factor, bool) or not isinstance(factor, str | int | float | Decimal):
+                # Not its text: a list or mapping may be huge (and str() of it slow). A
+                # ValueError, which pydantic reports with the key (a TypeError it would not).
+                raise ValueError(  # noqa: TRY004
+                    f"scale for {point!r} must be a finite decimal, got a {type(factor).__name__}"
+                )
             try:
                 ok = Decimal(str(factor)).is_finite()
             except InvalidOperation:
                 ok = False
-            if isinstance(factor, bool) or not ok:
+            if not ok:
                 raise ValueError(f"scale for {point!r} must be a finite decimal, got {factor!r}")
         # YAML numbers are accepted: the shortest text of a float is what the user typed.
         return {k: str(v) for k, v in value.items()}
@@ -417,6 +423,84 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+MAX_YAML_ALIASES = 100
+"""More aliases (``*name``) than this in a config file are refused: no configuration needs
+them, and a few dozen nested ones expand to billions of values (an alias bomb)."""
+MAX_YAML_VALUES = 100_000
+"""A config file whose aliases expand to more values than this is refused, however few."""
+
+
+class _ConfigYamlError(Exception):
+    """The YAML is well-formed but refused (alias bomb, recursive alias)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts aliases as it composes and refuses too many."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+                mark = event.start_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                raise _ConfigYamlError(
+                    f"{where}more than {MAX_YAML_ALIASES} YAML aliases (*name): refused"
+                )
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document has once every alias is expanded; stops past the limit.
+
+    Raises:
+        _ConfigYamlError: past :data:`MAX_YAML_VALUES`, or an alias inside its own anchor.
+    """
+    sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while being counted
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise _ConfigYamlError("an alias refers to a value that contains itself")
+            return known
+        sizes[id(node)] = -1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise _ConfigYamlError(
+                    f"its aliases expand to more than {MAX_YAML_VALUES} values"
+                    " (an alias bomb?): refused"
+                )
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs before building anything from them."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 _QUOTED = re.compile(r"'([^']*)'")
 
 
@@ -460,7 +544,11 @@ def load_settings(path: Path | None = None) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = _safe_load(path.read_text(encoding="utf-8"))
+        except _ConfigYamlError as exc:
+            raise ConfigError("", f"config file {path}: {exc}") from None
+        except RecursionError:
+            raise ConfigError("", f"config file {path} is nested too deeply") from None
         except OSError as exc:
             raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:

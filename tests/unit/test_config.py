@@ -312,6 +312,66 @@ def test_config_yaml_syntax_error_gives_line_and_column_never_the_text(
     assert "pa55" not in str(error)
 
 
+def _alias_bomb(levels: int, width: int) -> str:
+    """Billion laughs under a route's ``scale``: ``width ** levels`` strings from a few lines."""
+    lines = ["routes:", '  - topic: "meters/{deviceType}/{deviceId}/telemetry"', "    renames:"]
+    lines.append(f"      l0: &l0 [{', '.join(['lol'] * width)}]")
+    for level in range(1, levels):
+        lines.append(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    lines += ["    scale:", f"      Ep_imp: *l{levels - 1}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(20)
+def test_config_yaml_alias_bomb_is_refused(write: typing.Callable[[str], Path]) -> None:
+    """Test that a billion-laughs document (73 aliases, 9**9 values) is refused, and fast."""
+    error = _error(write(_alias_bomb(9, 9)))
+
+    assert "" == error.key
+    assert "aliases expand to more than" in error.message
+
+
+@pytest.mark.timeout(20)
+def test_config_yaml_with_too_many_aliases_is_refused(write: typing.Callable[[str], Path]) -> None:
+    """Test that a document with more aliases than any config needs is refused, naming why."""
+    error = _error(write(_alias_bomb(2, 150)))
+
+    assert "" == error.key
+    assert "more than 100 YAML aliases" in error.message
+
+
+def test_config_yaml_alias_that_contains_itself_is_refused(
+    write: typing.Callable[[str], Path],
+) -> None:
+    """Test that a recursive alias is a ConfigError, not a crash."""
+    error = _error(write("routes: &r [*r]\n"))
+
+    assert ("", True) == (error.key, "contains itself" in error.message)
+
+
+def test_config_yaml_few_aliases_are_fine(write: typing.Callable[[str], Path]) -> None:
+    """Test that ordinary use of anchors and aliases (a shared scale) still loads."""
+    settings = load_settings(
+        write(
+            "routes:\n"
+            "  - topic: 'meters/{deviceType}/{deviceId}/telemetry'\n"
+            "    scale: &kwh {Ep_imp: '0.001', Ep_exp: '0.001'}\n"
+            "  - topic: 'plant/{deviceId}/data'\n"
+            "    device_type: '1'\n"
+            "    scale: *kwh\n"
+        )
+    )
+
+    assert (
+        settings.routes[0].scale
+        == settings.routes[1].scale
+        == {
+            "Ep_imp": "0.001",
+            "Ep_exp": "0.001",
+        }
+    )
+
+
 @pytest.mark.parametrize("text", ["- mqtt\n- batch\n", "just a string\n", "42\n"])
 def test_config_top_level_must_be_a_mapping(write: typing.Callable[[str], Path], text: str) -> None:
     """Test that a YAML document that is not a mapping is a ConfigError with an empty key."""
