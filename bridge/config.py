@@ -10,8 +10,10 @@ files named under ``cloud.credentials`` (see :mod:`bridge.credentials`).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +41,8 @@ from pydantic_settings import (
 from bridge.errors import ConfigError
 
 __all__ = [
+    "ENV_PREFIX",
+    "TOOL_VARIABLES",
     "BatchSettings",
     "CloudSettings",
     "CredentialsSettings",
@@ -53,6 +57,12 @@ __all__ = [
     "TlsSettings",
     "load_settings",
 ]
+
+ENV_PREFIX = "ENERGY_BRIDGE_"
+"""Prefix of the environment variables that set settings (``ENERGY_BRIDGE_MQTT__PORT``)."""
+TOOL_VARIABLES = frozenset({"ENERGY_BRIDGE_STUB_KEYS"})
+"""``ENERGY_BRIDGE_*`` variables that are not settings but belong to the project's tools (the
+cloud stub's keys): the bridge ignores them instead of refusing them as unknown."""
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
 _KNOWN_FIELDS = {"deviceType", "deviceId", "point"}
@@ -363,7 +373,7 @@ class Settings(BaseSettings):
     """Everything energy-bridge can be told."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ENERGY_BRIDGE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
@@ -529,6 +539,58 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return type(exc).__name__
 
 
+def _not_a_setting(name: str) -> str | None:
+    """Why the ``ENERGY_BRIDGE_*`` variable ``name`` sets nothing, ``None`` when it does.
+
+    ``ENERGY_BRIDGE_<SECTION>__<KEY>`` at any depth, or a whole section or list as JSON
+    (``ENERGY_BRIDGE_ROUTES``), names a setting; names are read case-insensitively.
+    """
+    parts = name.upper().removeprefix(ENV_PREFIX).lower().split("__")
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(parts):
+        if model is None or part not in model.model_fields:
+            hint = ""
+            if model is not None:
+                close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+                if close:
+                    fixed = ENV_PREFIX + "__".join([*parts[:depth], close[0], *parts[depth + 1 :]])
+                    hint = f" (did you mean {fixed.upper()}?)"
+            return (
+                f"the environment variable {name} is not a setting{hint}; settings are"
+                f" {ENV_PREFIX}<SECTION>__<KEY>, see the configuration reference"
+            )
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = None
+    return None
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``ENERGY_BRIDGE_*`` variables that set nothing (a typo would be ignored).
+
+    Args:
+        environ: the environment; ``os.environ`` when ``None``.
+
+    Raises:
+        ConfigError: naming the first such variable (never its value).
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in TOOL_VARIABLES
+        if _not_a_setting(name) is not None
+    )
+    if unknown:
+        message = _not_a_setting(unknown[0]) or ""
+        more = len(unknown) - 1
+        if more:
+            message += f" (and {more} more: {', '.join(unknown[1:])})"
+        raise ConfigError("", message)
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Load and validate the configuration.
 
@@ -572,6 +634,7 @@ def load_settings(path: Path | None = None) -> Settings:
                     " as values: quote the key)",
                 )
         data = loaded
+    check_environment()
     try:
         return Settings(**data)
     except SettingsError as exc:
@@ -580,13 +643,13 @@ def load_settings(path: Path | None = None) -> Settings:
         field = match.group(1) if match else ""
         raise ConfigError(
             field,
-            f"the environment variable ENERGY_BRIDGE_{field.upper()} is not valid JSON",
+            f"the environment variable {ENV_PREFIX}{field.upper()} is not valid JSON",
         ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         key = _format_loc(tuple(first["loc"]))
         message = first["msg"]
-        env_name = "ENERGY_BRIDGE_" + "__".join(str(p).upper() for p in first["loc"])
+        env_name = ENV_PREFIX + "__".join(str(p).upper() for p in first["loc"])
         if env_name in os.environ:
             message += f" (from the environment variable {env_name})"
         if first["type"] == "extra_forbidden":

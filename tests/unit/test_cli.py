@@ -90,6 +90,15 @@ def test_bad_environment_override_names_the_key_and_variable() -> None:
     assert "ENERGY_BRIDGE_MQTT__PORT" in result.stderr
 
 
+def test_misspelt_environment_variable_fails_naming_it() -> None:
+    """Test that an ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
+    with a message naming the variable, instead of being ignored."""
+    result = _cli("check", env={"ENERGY_BRIDGE_MQQT__PORT": "1884"})
+    assert 2 == result.returncode
+    assert "ENERGY_BRIDGE_MQQT__PORT is not a setting" in result.stderr
+    assert "" == result.stdout
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     """Test that ENERGY_BRIDGE_<SECTION>__<KEY> wins over the YAML file."""
     config = tmp_path / "bridge.yaml"

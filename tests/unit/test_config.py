@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from bridge.config import PayloadFormat, Route, Settings, load_settings
 from bridge.errors import ConfigError
+from bridge.tools.cloud_stub import KEYS_ENV
 
 ROUTE = "meters/{deviceType}/{deviceId}/telemetry"
 
@@ -114,6 +115,71 @@ def test_config_environment_value_is_validated(monkeypatch: pytest.MonkeyPatch) 
         load_settings()
 
     assert "mqtt.port" == info.value.key
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ENERGY_BRIDGE_MQQT__PORT",  # a typo in the section
+        "ENERGY_BRIDGE_TIMEZON",  # a typo in a top-level key
+        "energy_bridge_mqqt__port",  # read case-insensitively, so checked so too
+        "ENERGY_BRIDGE_MQTT__TLS__ENABLED__X",  # below a plain setting
+        "ENERGY_BRIDGE_ROUTES__0__TOPIC",  # list items are not addressed by index
+    ],
+)
+def test_config_environment_variable_that_is_no_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Test that an ENERGY_BRIDGE_* variable that names no setting fails, naming the
+    variable and never its value."""
+    monkeypatch.setenv(name, "1884-value-kept-private")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    assert name in str(info.value)
+    assert "value-kept-private" not in str(info.value)
+
+
+def test_config_environment_typo_suggests_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a misspelt section is reported with the setting it probably means."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQQT__PORT", "1884")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    expected = (
+        "the environment variable ENERGY_BRIDGE_MQQT__PORT is not a setting (did you mean"
+        " ENERGY_BRIDGE_MQTT__PORT?); settings are ENERGY_BRIDGE_<SECTION>__<KEY>, see the"
+        " configuration reference"
+    )
+    assert ("", expected) == (info.value.key, info.value.message)
+
+
+def test_config_environment_settings_and_tool_variables_still_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that real settings of every depth, whole sections and lists as JSON, and the
+    variables of the project's tools (the cloud stub's keys) are all accepted."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "1884")
+    monkeypatch.setenv("energy_bridge_log__level", "debug")
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__TLS__INSECURE", "false")
+    monkeypatch.setenv("ENERGY_BRIDGE_CLOUD", '{"max_in_flight": 8}')
+    monkeypatch.setenv(
+        "ENERGY_BRIDGE_ROUTES", '[{"topic": "plant/{deviceId}", "device_type": "1"}]'
+    )
+    monkeypatch.setenv("ENERGY_BRIDGE_TIMEZONE", "UTC")
+    monkeypatch.setenv(KEYS_ENV, "testid:testsecret")
+
+    settings = load_settings()
+
+    assert (1884, "DEBUG", 8, "plant/{deviceId}", "UTC") == (
+        settings.mqtt.port,
+        settings.log.level,
+        settings.cloud.max_in_flight,
+        settings.routes[0].topic,
+        settings.timezone,
+    )
 
 
 def test_config_settings_are_frozen() -> None:
