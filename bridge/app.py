@@ -92,8 +92,11 @@ class App:
         """Build the stages, run them until stopped, stop them (see the module docstring).
 
         Raises:
+            CredentialsMalformedError: a credentials file or variable can never work (a line
+                break inside); missing credentials do not stop the start.
             SpoolLockedError: another bridge runs on this spool (nothing was started).
         """
+        self.credentials.check_format()
         # One bridge per spool, checked before anything starts: two would push every row.
         with SpoolLock(self.settings.spool.path):
             await self._run()

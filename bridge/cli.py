@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from bridge import __version__
-from bridge.errors import BridgeError, ConfigError, MappingError
+from bridge.errors import BridgeError, ConfigError, CredentialsMalformedError, MappingError
 
 __all__ = ["main"]
 
@@ -66,6 +66,12 @@ def _check(args: argparse.Namespace) -> int:
     if warnings:
         out["warnings"] = warnings
     status = 0
+    try:
+        creds.check_format()
+    except CredentialsMalformedError as exc:
+        # `run` refuses to start with these: say so, and fail.
+        out["errors"] = [str(exc)]
+        status = 1
     if args.sample is not None:
         topic, payload = args.sample
         mapper = Mapper(

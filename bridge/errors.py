@@ -9,6 +9,7 @@
     │   ├── SpoolFullError        spool.max_bytes reached or the disk is full
     │   └── SpoolLockedError      another energy-bridge runs on this spool
     └── CredentialsError          no usable AccessKey / STS credentials
+        └── CredentialsMalformedError  a credential holds a line break, space or control character
 
 A push that does not end in ``"success"`` is not an exception: the push client returns a
 :class:`~bridge.push.client.PushResult` (the cloud's code beside a typed
@@ -24,6 +25,7 @@ __all__ = [
     "BridgeError",
     "ConfigError",
     "CredentialsError",
+    "CredentialsMalformedError",
     "MappingError",
     "SpoolError",
     "SpoolFullError",
@@ -76,3 +78,8 @@ class SpoolLockedError(SpoolError):
 
 class CredentialsError(BridgeError):
     """No usable credentials could be loaded (the message never contains a secret)."""
+
+
+class CredentialsMalformedError(CredentialsError):
+    """A credential is there but cannot be right (a line break, space or control character
+    inside); the message names the file or variable, never the value."""

@@ -44,6 +44,27 @@ def test_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> 
     assert SECRET not in result.stdout + result.stderr
 
 
+def test_check_reports_a_credential_with_a_line_break_and_fails() -> None:
+    """Test that `check` reports the malformed credential `run` would refuse, naming the
+    variable (never the value), and exits 1."""
+    result = _cli(
+        "check",
+        env={
+            "ALIBABA_CLOUD_ACCESS_KEY_ID": "myid",
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET[:6] + "\r\n" + SECRET[6:],
+        },
+    )
+    assert 1 == result.returncode, result.stderr
+    doc = json.loads(result.stdout)
+    expected = (
+        "cloud credentials: the environment variable ALIBABA_CLOUD_ACCESS_KEY_SECRET contains"
+        " a line break: a credential is one line of printable ASCII without spaces"
+    )
+    assert [expected] == doc["errors"]
+    assert "NOT USABLE" in doc["credentials"]
+    assert "value-never" not in result.stdout + result.stderr
+
+
 def test_check_sample_prints_the_push_body_with_exact_values() -> None:
     """Test that `check --sample` shows the request body a message would become."""
     result = _cli(
