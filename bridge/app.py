@@ -213,6 +213,12 @@ class App:
             log.warning("INSECURE: mqtt.tls.insecure is on, the broker is not verified")
         if not s.cloud.verify_tls:
             log.warning("INSECURE: cloud.verify_tls is off, the cloud endpoint is not verified")
+        if s.cloud.plain_http_beyond_loopback:
+            log.warning(
+                "INSECURE: cloud.endpoint is plain http to a host that is not this machine:"
+                " readings and signed requests travel unencrypted",
+                extra={"endpoint": s.cloud.endpoint},
+            )
         log.info(
             "energy-bridge started",
             extra={

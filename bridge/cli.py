@@ -57,7 +57,7 @@ def _check(args: argparse.Namespace) -> int:
         warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
     if not settings.cloud.verify_tls:
         warnings.append("cloud.verify_tls is off: the cloud endpoint is NOT verified")
-    if settings.cloud.endpoint.startswith("http://") and "127.0.0.1" not in settings.cloud.endpoint:
+    if settings.cloud.plain_http_beyond_loopback:
         warnings.append("cloud.endpoint is plain http: credentials-signed data travels unencrypted")
     if settings.cloud.endpoint == "http://127.0.0.1:8080":
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")

@@ -11,6 +11,7 @@ files named under ``cloud.credentials`` (see :mod:`bridge.credentials`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -270,6 +271,21 @@ class CloudSettings(_Section):
         if parts.path not in {"", "/"} or parts.query:
             raise ValueError("give the base URL only; the push path is added by the bridge")
         return value.rstrip("/")
+
+    @property
+    def plain_http_beyond_loopback(self) -> bool:
+        """Whether the endpoint is plain ``http://`` to a host that is not this machine (not a
+        loopback address, not ``localhost``): readings and signed requests travel unencrypted."""
+        parts = urlsplit(self.endpoint)
+        if parts.scheme != "http":
+            return False
+        host = (parts.hostname or "").lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True  # a host name: wherever it points, it is not known to be this machine
 
 
 class BatchSettings(_Section):

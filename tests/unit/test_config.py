@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from bridge.config import PayloadFormat, Route, Settings, load_settings
+from bridge.config import CloudSettings, PayloadFormat, Route, Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.tools.cloud_stub import KEYS_ENV
 
@@ -264,6 +264,24 @@ def test_config_bad_timezone(write: typing.Callable[[str], Path]) -> None:
 def test_config_bad_endpoint(write: typing.Callable[[str], Path], endpoint: str) -> None:
     """Test that an endpoint without scheme and host, or with a path or query, is refused."""
     assert "cloud.endpoint" == _error(write(f"cloud:\n  endpoint: '{endpoint}'\n")).key
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warned"),
+    [
+        ("http://127.0.0.1:8080", False),
+        ("http://127.0.0.2:8080", False),
+        ("http://[::1]:8080", False),
+        ("http://localhost:8080", False),
+        ("http://192.0.2.10:8080", True),
+        ("http://cloud-stub:8080", True),
+        ("http://127.0.0.1.example.com", True),
+        ("https://energyexpertexternal.cn-hangzhou.aliyuncs.com", False),
+    ],
+)
+def test_config_plain_http_beyond_loopback(endpoint: str, warned: bool) -> None:
+    """Test which endpoints count as unencrypted traffic leaving the machine."""
+    assert warned == CloudSettings(endpoint=endpoint).plain_http_beyond_loopback
 
 
 @pytest.mark.parametrize(
