@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -56,6 +57,8 @@ __all__ = [
     "Settings",
     "SpoolSettings",
     "TlsSettings",
+    "check_environment",
+    "has_daylight_saving",
     "load_settings",
 ]
 
@@ -437,6 +440,19 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+
+def has_daylight_saving(zone: str, *, around: datetime | None = None) -> bool:
+    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``
+    (now when ``None``): its UTC offset is not the same all year (daylight saving time).
+
+    In such a zone local time without an offset, as ``recordTime`` is, is ambiguous: when the
+    clocks go back, two instants an hour apart have the same local time.
+    """
+    tz = ZoneInfo(zone)
+    start = (around or datetime.now(UTC)) - timedelta(days=366)
+    offsets = {(start + timedelta(days=day)).astimezone(tz).utcoffset() for day in range(733)}
+    return len(offsets) > 1
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -65,6 +65,28 @@ def test_check_reports_a_credential_with_a_line_break_and_fails() -> None:
     assert "value-never" not in result.stdout + result.stderr
 
 
+def _check_warnings(timezone: str) -> list[str]:
+    result = _cli("check", env={"ENERGY_BRIDGE_TIMEZONE": timezone})
+    assert 0 == result.returncode, result.stderr
+    warnings: list[str] = json.loads(result.stdout).get("warnings", [])
+    return warnings
+
+
+def test_check_warns_about_a_timezone_with_daylight_saving() -> None:
+    """Test that `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
+    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai."""
+    berlin = [w for w in _check_warnings("Europe/Berlin") if w.startswith("timezone")]
+    shanghai = [w for w in _check_warnings("Asia/Shanghai") if w.startswith("timezone")]
+
+    expected = (
+        "timezone Europe/Berlin has daylight saving time: recordTime is local time without an"
+        " offset, so when the clocks go back two readings an hour apart get the same recordTime"
+        " (and when they go forward an hour of recordTimes never occurs); use a zone without"
+        " DST, e.g. Asia/Shanghai (UTC+8, most likely the API's own) or UTC"
+    )
+    assert ([expected], []) == (berlin, shanghai)
+
+
 def test_check_sample_prints_the_push_body_with_exact_values() -> None:
     """Test that `check --sample` shows the request body a message would become."""
     result = _cli(

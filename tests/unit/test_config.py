@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from bridge.config import CloudSettings, PayloadFormat, Route, Settings, load_settings
+from bridge.config import (
+    CloudSettings,
+    PayloadFormat,
+    Route,
+    Settings,
+    has_daylight_saving,
+    load_settings,
+)
 from bridge.errors import ConfigError
 from bridge.tools.cloud_stub import KEYS_ENV
 
@@ -180,6 +187,22 @@ def test_config_environment_settings_and_tool_variables_still_work(
         settings.routes[0].topic,
         settings.timezone,
     )
+
+
+@pytest.mark.parametrize(
+    ("zone", "dst"),
+    [
+        ("Europe/Berlin", True),
+        ("America/New_York", True),
+        ("Australia/Sydney", True),  # southern hemisphere: DST over the new year
+        ("Asia/Shanghai", False),
+        ("UTC", False),
+        ("Asia/Kolkata", False),
+    ],
+)
+def test_config_has_daylight_saving(zone: str, dst: bool) -> None:
+    """Test that zones whose clocks change during the year are told from those that do not."""
+    assert dst == has_daylight_saving(zone)
 
 
 def test_config_settings_are_frozen() -> None:
