@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from bridge.cli import build_parser
 from bridge.config import Settings
 from bridge.push.retry import Outcome
-from bridge.tools.cloud_stub import DEFAULT_KEY
+from bridge.tools.cloud_stub import DEFAULT_KEY, options_from_args
 from tests.support import (
     LOOPBACK,
     START_TS,
@@ -201,6 +201,15 @@ def test_compose_runs_real_subcommands_with_real_flags(capsys: pytest.CaptureFix
             parser.parse_args(command)
         except SystemExit:
             pytest.fail(f"{name}: energy-bridge {shlex.join(command)}: {capsys.readouterr().err}")
+
+
+def test_compose_cloud_stub_keeps_a_bounded_number_of_entries() -> None:
+    """Test that the compose stack's stub, which runs for days, keeps (and fingerprints for
+    duplicate counting) only a bounded number of the entries it accepts."""
+    command = command_of("cloud-stub")
+    options = options_from_args(build_parser(command[0]).parse_args(command), {})
+    assert options.keep_max is not None
+    assert 1 <= options.keep_max <= 100_000
 
 
 def test_compose_services_point_at_each_other() -> None:
