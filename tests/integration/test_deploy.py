@@ -174,7 +174,13 @@ def test_dockerfile_entrypoint_is_the_energy_bridge_command() -> None:
     assert "bridge.cli:main" == pyproject["project"]["scripts"]["energy-bridge"]
     assert ["energy-bridge"] == exec_form(last("ENTRYPOINT").args)
     assert ["run"] == exec_form(last("CMD").args)
-    assert last("FROM").args.startswith("python:3.11-slim")
+
+
+def test_dockerfile_base_image_is_pinned_to_an_exact_version() -> None:
+    """Test that the base image is one exact Python 3.11 patch release on one Debian release
+    (``python:3.11.N-slim-bookworm``, optionally with a digest), not a tag that moves."""
+    base = last("FROM").args
+    assert re.fullmatch(r"python:3\.11\.[0-9]+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
 
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:
