@@ -183,5 +183,5 @@ class CredentialsProvider:
         return Credentials(
             _checked(cred.get_access_key_id() or "", where),
             _checked(cred.get_access_key_secret() or "", where),
-            _checked(token, where) or None if token else None,
+            _checked(token or "", where) or None,
         )
