@@ -5,7 +5,9 @@
 #                                                # cloud-stub, simulate, demo
 # docker-compose.yml runs the bridge, the cloud stand-in and the simulator from this image;
 # tests/integration/test_deploy.py checks this file against the CLI and the settings.
-FROM python:3.11-slim
+# Pinned to one Python patch release on one Debian release, so a rebuild gets the same base;
+# bump it on purpose (tests/integration/test_deploy.py insists on an exact tag).
+FROM python:3.11.17-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -38,6 +38,7 @@ from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
 from bridge.push.feeder import Feeder
 from bridge.push.pusher import Pusher
+from bridge.spool.lock import SpoolLock
 from bridge.spool.store import SpoolStore
 from bridge.spool.thread import SpoolThread
 from bridge.stage import Stage
@@ -88,7 +89,20 @@ class App:
             self._pusher.resume_now()
 
     async def run(self) -> None:
-        """Build the stages, run them until stopped, stop them (see the module docstring)."""
+        """Build the stages, run them until stopped, stop them (see the module docstring).
+
+        Raises:
+            CredentialsMalformedError: a credentials file or variable can never work (a line
+                break inside); missing credentials do not stop the start.
+            SpoolLockedError: another bridge runs on this spool (nothing was started).
+        """
+        self.credentials.check_format()
+        # One bridge per spool, checked before anything starts: two would push every row.
+        with SpoolLock(self.settings.spool.path):
+            await self._run()
+        log.info("energy-bridge stopped")
+
+    async def _run(self) -> None:
         self._handle_signals()
         s = self.settings
         async with self._push_client() as client:
@@ -110,7 +124,6 @@ class App:
                     floor = 1.0 if stage is pipeline.ingest else 0.0
                     await stage.stop(max(deadline, time.monotonic() + floor))
                     tasks[stage].cancel()
-        log.info("energy-bridge stopped")
 
     async def _build(self, client: PushClient) -> _Pipeline:
         """The stages, from the cloud end back to the broker (each needs the next one)."""
@@ -201,6 +214,12 @@ class App:
             log.warning("INSECURE: mqtt.tls.insecure is on, the broker is not verified")
         if not s.cloud.verify_tls:
             log.warning("INSECURE: cloud.verify_tls is off, the cloud endpoint is not verified")
+        if s.cloud.plain_http_beyond_loopback:
+            log.warning(
+                "INSECURE: cloud.endpoint is plain http to a host that is not this machine:"
+                " readings and signed requests travel unencrypted",
+                extra={"endpoint": s.cloud.endpoint},
+            )
         log.info(
             "energy-bridge started",
             extra={

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from bridge import __version__
-from bridge.errors import BridgeError, ConfigError, MappingError
+from bridge.errors import BridgeError, ConfigError, CredentialsMalformedError, MappingError
 
 __all__ = ["main"]
 
@@ -48,6 +48,7 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from bridge.config import has_daylight_saving  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
     from bridge.intake.mapping import Mapper  # noqa: PLC0415
 
@@ -57,8 +58,16 @@ def _check(args: argparse.Namespace) -> int:
         warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
     if not settings.cloud.verify_tls:
         warnings.append("cloud.verify_tls is off: the cloud endpoint is NOT verified")
-    if settings.cloud.endpoint.startswith("http://") and "127.0.0.1" not in settings.cloud.endpoint:
+    if settings.cloud.plain_http_beyond_loopback:
         warnings.append("cloud.endpoint is plain http: credentials-signed data travels unencrypted")
+    if has_daylight_saving(settings.timezone):
+        warnings.append(
+            f"timezone {settings.timezone} has daylight saving time: recordTime is local time"
+            " without an offset, so when the clocks go back two readings an hour apart get the"
+            " same recordTime (and when they go forward an hour of recordTimes never occurs);"
+            " use a zone without DST, e.g. Asia/Shanghai (UTC+8, most likely the API's own)"
+            " or UTC"
+        )
     if settings.cloud.endpoint == "http://127.0.0.1:8080":
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
     creds = CredentialsProvider(settings.cloud.credentials)
@@ -66,6 +75,12 @@ def _check(args: argparse.Namespace) -> int:
     if warnings:
         out["warnings"] = warnings
     status = 0
+    try:
+        creds.check_format()
+    except CredentialsMalformedError as exc:
+        # `run` refuses to start with these: say so, and fail.
+        out["errors"] = [str(exc)]
+        status = 1
     if args.sample is not None:
         topic, payload = args.sample
         mapper = Mapper(

@@ -10,8 +10,12 @@ files named under ``cloud.credentials`` (see :mod:`bridge.credentials`).
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +43,8 @@ from pydantic_settings import (
 from bridge.errors import ConfigError
 
 __all__ = [
+    "ENV_PREFIX",
+    "TOOL_VARIABLES",
     "BatchSettings",
     "CloudSettings",
     "CredentialsSettings",
@@ -51,8 +57,16 @@ __all__ = [
     "Settings",
     "SpoolSettings",
     "TlsSettings",
+    "check_environment",
+    "has_daylight_saving",
     "load_settings",
 ]
+
+ENV_PREFIX = "ENERGY_BRIDGE_"
+"""Prefix of the environment variables that set settings (``ENERGY_BRIDGE_MQTT__PORT``)."""
+TOOL_VARIABLES = frozenset({"ENERGY_BRIDGE_STUB_KEYS"})
+"""``ENERGY_BRIDGE_*`` variables that are not settings but belong to the project's tools (the
+cloud stub's keys): the bridge ignores them instead of refusing them as unknown."""
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
 _KNOWN_FIELDS = {"deviceType", "deviceId", "point"}
@@ -166,11 +180,17 @@ class Route(_Section):
         if not isinstance(value, dict):
             return value  # the type check reports it
         for point, factor in value.items():
+            if isinstance(factor, bool) or not isinstance(factor, str | int | float | Decimal):
+                # Not its text: a list or mapping may be huge (and str() of it slow). A
+                # ValueError, which pydantic reports with the key (a TypeError it would not).
+                raise ValueError(  # noqa: TRY004
+                    f"scale for {point!r} must be a finite decimal, got a {type(factor).__name__}"
+                )
             try:
                 ok = Decimal(str(factor)).is_finite()
             except InvalidOperation:
                 ok = False
-            if isinstance(factor, bool) or not ok:
+            if not ok:
                 raise ValueError(f"scale for {point!r} must be a finite decimal, got {factor!r}")
         # YAML numbers are accepted: the shortest text of a float is what the user typed.
         return {k: str(v) for k, v in value.items()}
@@ -257,6 +277,21 @@ class CloudSettings(_Section):
         if parts.path not in {"", "/"} or parts.query:
             raise ValueError("give the base URL only; the push path is added by the bridge")
         return value.rstrip("/")
+
+    @property
+    def plain_http_beyond_loopback(self) -> bool:
+        """Whether the endpoint is plain ``http://`` to a host that is not this machine (not a
+        loopback address, not ``localhost``): readings and signed requests travel unencrypted."""
+        parts = urlsplit(self.endpoint)
+        if parts.scheme != "http":
+            return False
+        host = (parts.hostname or "").lower()
+        if host == "localhost" or host.endswith(".localhost"):
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True  # a host name: wherever it points, it is not known to be this machine
 
 
 class BatchSettings(_Section):
@@ -360,7 +395,7 @@ class Settings(BaseSettings):
     """Everything energy-bridge can be told."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ENERGY_BRIDGE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
@@ -410,6 +445,19 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+def has_daylight_saving(zone: str, *, around: datetime | None = None) -> bool:
+    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``
+    (now when ``None``): its UTC offset is not the same all year (daylight saving time).
+
+    In such a zone local time without an offset, as ``recordTime`` is, is ambiguous: when the
+    clocks go back, two instants an hour apart have the same local time.
+    """
+    tz = ZoneInfo(zone)
+    start = (around or datetime.now(UTC)) - timedelta(days=366)
+    offsets = {(start + timedelta(days=day)).astimezone(tz).utcoffset() for day in range(733)}
+    return len(offsets) > 1
+
+
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -418,6 +466,164 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+MAX_YAML_ALIASES = 100
+"""More aliases (``*name``) than this in a config file are refused: no configuration needs
+them, and a few dozen nested ones expand to billions of values (an alias bomb)."""
+MAX_YAML_VALUES = 100_000
+"""A config file whose aliases expand to more values than this is refused, however few."""
+
+
+class _ConfigYamlError(Exception):
+    """The YAML is well-formed but refused (alias bomb, recursive alias)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts aliases as it composes and refuses too many."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+                mark = event.start_mark
+                where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+                raise _ConfigYamlError(
+                    f"{where}more than {MAX_YAML_ALIASES} YAML aliases (*name): refused"
+                )
+        return super().compose_node(parent, index)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document has once every alias is expanded; stops past the limit.
+
+    Raises:
+        _ConfigYamlError: past :data:`MAX_YAML_VALUES`, or an alias inside its own anchor.
+    """
+    sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while being counted
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise _ConfigYamlError("an alias refers to a value that contains itself")
+            return known
+        sizes[id(node)] = -1
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise _ConfigYamlError(
+                    f"its aliases expand to more than {MAX_YAML_VALUES} values"
+                    " (an alias bomb?): refused"
+                )
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs before building anything from them."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _redact_quoted(text: str) -> str:
+    """``text`` with quoted source text (an alias or tag name) replaced by ``'...'``; a quoted
+    single character or escape (``'q'``, ``'\\t'``) is kept: it tells what to fix."""
+
+    def keep_short(match: re.Match[str]) -> str:
+        inner = match.group(1)
+        short = len(inner) <= 1 or (inner.startswith("\\") and len(inner) <= 6)
+        return match.group(0) if short else "'...'"
+
+    return _QUOTED.sub(keep_short, text)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is (line, column, problem), without the source text."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character #x{exc.character:04x} at position {exc.position} is not allowed"
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = _redact_quoted(exc.problem or exc.context or "syntax error")
+        if mark is None:
+            return problem
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return type(exc).__name__
+
+
+def _not_a_setting(name: str) -> str | None:
+    """Why the ``ENERGY_BRIDGE_*`` variable ``name`` sets nothing, ``None`` when it does.
+
+    ``ENERGY_BRIDGE_<SECTION>__<KEY>`` at any depth, or a whole section or list as JSON
+    (``ENERGY_BRIDGE_ROUTES``), names a setting; names are read case-insensitively.
+    """
+    parts = name.upper().removeprefix(ENV_PREFIX).lower().split("__")
+    model: type[BaseModel] | None = Settings
+    for depth, part in enumerate(parts):
+        if model is None or part not in model.model_fields:
+            hint = ""
+            if model is not None:
+                close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+                if close:
+                    fixed = ENV_PREFIX + "__".join([*parts[:depth], close[0], *parts[depth + 1 :]])
+                    hint = f" (did you mean {fixed.upper()}?)"
+            return (
+                f"the environment variable {name} is not a setting{hint}; settings are"
+                f" {ENV_PREFIX}<SECTION>__<KEY>, see the configuration reference"
+            )
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            model = None
+    return None
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``ENERGY_BRIDGE_*`` variables that set nothing (a typo would be ignored).
+
+    Args:
+        environ: the environment; ``os.environ`` when ``None``.
+
+    Raises:
+        ConfigError: naming the first such variable (never its value).
+    """
+    environ = os.environ if environ is None else environ
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in TOOL_VARIABLES
+        if _not_a_setting(name) is not None
+    )
+    if unknown:
+        message = _not_a_setting(unknown[0]) or ""
+        more = len(unknown) - 1
+        if more:
+            message += f" (and {more} more: {', '.join(unknown[1:])})"
+        raise ConfigError("", message)
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -435,7 +641,11 @@ def load_settings(path: Path | None = None) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = _safe_load(path.read_text(encoding="utf-8"))
+        except _ConfigYamlError as exc:
+            raise ConfigError("", f"config file {path}: {exc}") from None
+        except RecursionError:
+            raise ConfigError("", f"config file {path} is nested too deeply") from None
         except OSError as exc:
             raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
@@ -443,7 +653,10 @@ def load_settings(path: Path | None = None) -> Settings:
                 "", f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
             ) from None
         except yaml.YAMLError as exc:
-            raise ConfigError("", f"config file {path} is not valid YAML: {exc}") from exc
+            # Never the exception's text: it quotes the offending line, password and all.
+            raise ConfigError(
+                "", f"config file {path} is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -456,6 +669,7 @@ def load_settings(path: Path | None = None) -> Settings:
                     " as values: quote the key)",
                 )
         data = loaded
+    check_environment()
     try:
         return Settings(**data)
     except SettingsError as exc:
@@ -464,13 +678,13 @@ def load_settings(path: Path | None = None) -> Settings:
         field = match.group(1) if match else ""
         raise ConfigError(
             field,
-            f"the environment variable ENERGY_BRIDGE_{field.upper()} is not valid JSON",
+            f"the environment variable {ENV_PREFIX}{field.upper()} is not valid JSON",
         ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         key = _format_loc(tuple(first["loc"]))
         message = first["msg"]
-        env_name = "ENERGY_BRIDGE_" + "__".join(str(p).upper() for p in first["loc"])
+        env_name = ENV_PREFIX + "__".join(str(p).upper() for p in first["loc"])
         if env_name in os.environ:
             message += f" (from the environment variable {env_name})"
         if first["type"] == "extra_forbidden":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import CredentialsSettings, CredentialsSource
-from bridge.errors import CredentialsError
+from bridge.errors import CredentialsError, CredentialsMalformedError
 from bridge.push.signing import Credentials
 
 __all__ = ["CredentialsProvider"]
@@ -29,14 +29,52 @@ ENV_SECRET = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"  # noqa: S105 - a variable name, 
 ENV_TOKEN = "ALIBABA_CLOUD_SECURITY_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
+def _checked(value: str, where: str) -> str:
+    """``value`` without surrounding whitespace, refused if anything else is not printable ASCII.
+
+    AccessKey ids, secrets and STS tokens are printable ASCII without spaces; a line break inside
+    one (a file saved with CRLF in the middle, a pasted variable) would otherwise go out in a
+    request header.
+
+    Raises:
+        CredentialsMalformedError: naming ``where`` and the kind of character, never the value.
+    """
+    value = value.strip()
+    for char in value:
+        if "!" <= char <= "~":
+            continue
+        if char in "\r\n\u2028\u2029\x85":
+            kind = "a line break"
+        elif char.isspace():
+            kind = "a space"
+        elif char.isprintable():
+            kind = "a non-ASCII character"
+        else:
+            kind = "a control character"
+        raise CredentialsMalformedError(
+            f"cloud credentials: {where} contains {kind}: a credential is one line of printable"
+            " ASCII without spaces"
+        )
+    return value
+
+
 def _read_secret_file(path: Path, what: str) -> str:
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        value = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CredentialsError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CredentialsMalformedError(
+            f"cloud credentials: the {what} file {path} is not UTF-8 text"
+        ) from None
+    value = _checked(value, f"the {what} file {path}")
     if not value:
         raise CredentialsError(f"{what} file {path} is empty")
     return value
+
+
+def _from_environment(name: str) -> str:
+    return _checked(os.environ.get(name, ""), f"the environment variable {name}")
 
 
 class CredentialsProvider:
@@ -68,6 +106,25 @@ class CredentialsProvider:
             self._current = self._load()
         return self._current
 
+    def check_format(self) -> None:
+        """Refuse credentials that are there but malformed (the start-up check of ``run``).
+
+        Missing ones pass: the bridge starts, spools and reports not ready until they are
+        there. The ``chain`` source is not asked here (it may need the network).
+
+        Raises:
+            CredentialsMalformedError: a credential file or variable holds a line break,
+                space or control character.
+        """
+        if self._settings.source is CredentialsSource.CHAIN:
+            return
+        try:
+            self._load()
+        except CredentialsMalformedError:
+            raise
+        except CredentialsError:
+            return
+
     def describe(self) -> str:
         """A description safe to print: source and AccessKey id only (never the secret)."""
         try:
@@ -96,12 +153,13 @@ class CredentialsProvider:
                 _read_secret_file(s.access_key_secret_file, "AccessKey secret"),
                 token,
             )
-        key_id = os.environ.get(ENV_ID, "").strip()
-        secret = os.environ.get(ENV_SECRET, "").strip()
+        key_id = _from_environment(ENV_ID)
+        secret = _from_environment(ENV_SECRET)
+        token = _from_environment(ENV_TOKEN) or None
         if not key_id or not secret:
             missing = [n for n, v in ((ENV_ID, key_id), (ENV_SECRET, secret)) if not v]
             raise CredentialsError(f"cloud credentials missing: set {' and '.join(missing)}")
-        return Credentials(key_id, secret, os.environ.get(ENV_TOKEN, "").strip() or None)
+        return Credentials(key_id, secret, token)
 
     def _from_chain(self) -> Credentials:
         if self._chain is None:
@@ -120,6 +178,10 @@ class CredentialsProvider:
             raise CredentialsError(
                 f"alibabacloud-credentials chain failed: {type(exc).__name__}"
             ) from None
+        where = "a value from the alibabacloud-credentials chain"
+        token = cred.get_security_token()
         return Credentials(
-            cred.get_access_key_id(), cred.get_access_key_secret(), cred.get_security_token()
+            _checked(cred.get_access_key_id() or "", where),
+            _checked(cred.get_access_key_secret() or "", where),
+            _checked(token or "", where) or None,
         )

@@ -6,8 +6,10 @@
     ├── ConfigError               bad configuration; names the offending key
     ├── MappingError              a message that cannot become readings; carries a reason code
     ├── SpoolError                the local spool cannot do what was asked
-    │   └── SpoolFullError        spool.max_bytes reached or the disk is full
+    │   ├── SpoolFullError        spool.max_bytes reached or the disk is full
+    │   └── SpoolLockedError      another energy-bridge runs on this spool
     └── CredentialsError          no usable AccessKey / STS credentials
+        └── CredentialsMalformedError  a credential holds a line break, space or control character
 
 A push that does not end in ``"success"`` is not an exception: the push client returns a
 :class:`~bridge.push.client.PushResult` (the cloud's code beside a typed
@@ -23,9 +25,11 @@ __all__ = [
     "BridgeError",
     "ConfigError",
     "CredentialsError",
+    "CredentialsMalformedError",
     "MappingError",
     "SpoolError",
     "SpoolFullError",
+    "SpoolLockedError",
 ]
 
 
@@ -68,5 +72,14 @@ class SpoolFullError(SpoolError):
     """The spool reached ``spool.max_bytes`` or the disk is full; nothing was written."""
 
 
+class SpoolLockedError(SpoolError):
+    """Another process holds the spool's lock (two bridges would push every row twice)."""
+
+
 class CredentialsError(BridgeError):
     """No usable credentials could be loaded (the message never contains a secret)."""
+
+
+class CredentialsMalformedError(CredentialsError):
+    """A credential is there but cannot be right (a line break, space or control character
+    inside); the message names the file or variable, never the value."""

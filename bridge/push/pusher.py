@@ -385,7 +385,12 @@ class Pusher:
         if outcome in _PAUSING:
             # A stable reason (the code, not the message, which may quote a per-request
             # hash), so the transition is logged once; the details go to the failure log.
-            self._health.set("cloud", f"cloud refuses our {outcome.value}: {result.label}")
+            reason = f"cloud refuses our {outcome.value}: {result.label}"
+            if result.failure is Failure.NO_CREDENTIALS:
+                # Nothing was sent: the message says which file or variable to fix (never a
+                # secret), and stays the same for as long as that problem does.
+                reason = f"no usable credentials: {result.message}"
+            self._health.set("cloud", reason)
         elif request_level:
             self._health.set(
                 "cloud", f"cloud refuses every request alike: {result.label} (data kept)"

@@ -30,7 +30,8 @@ a request that passed step 9 has used up its nonce, as on the real gateway.
 Any other path answers 404 ``InvalidApi.NotFound``. Introspection, not part of the real API:
 
 - ``GET /_stub/received[?since=K][&limit=L]``: ``{"requests": accepted requests, "total",
-  "next", "more", "entries": [{"deviceType", "deviceId", "recordTime", "data"}, ...]}``
+  "next", "more", "dropped", "entries": [{"deviceType", "deviceId", "recordTime", "data"},
+  ...]}``; ``K`` counts every entry ever stored, also those dropped (``--keep-max``)
 - ``GET /_stub/stats``: the counters of :meth:`CloudStub.stats`
 - ``GET /_stub/faults``, ``POST /_stub/faults`` with ``{"error_rate": 0.2, ...}`` (names as in
   :class:`Faults`, plus ``seed``): the faults in effect afterwards
@@ -48,6 +49,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import os
@@ -262,6 +264,9 @@ class StubOptions:
         max_skew_secs: largest accepted distance between ``x-acs-date`` and the stub's clock.
         seed: seed of the random generator that decides the rate-based faults.
         keep_entries: store accepted entries; when false only count them (long benchmarks).
+        keep_max: keep only the last this many entries, and remember only their fingerprints
+            for duplicate counting; older ones are dropped and counted. ``None``: keep all
+            (tests that account for every reading); a stub that runs for days needs a bound.
     """
 
     host: str = "127.0.0.1"
@@ -271,6 +276,7 @@ class StubOptions:
     max_skew_secs: float = 900.0
     seed: int | None = None
     keep_entries: bool = True
+    keep_max: int | None = None
 
 
 @dataclass(slots=True)
@@ -340,8 +346,13 @@ class CloudStub:
         self._faults = self.options.faults
         self._rng = random.Random(self.options.seed)
         self._started = clock()
-        self._entries: list[StoredEntry] = []
+        self._entries: deque[StoredEntry] = deque(maxlen=self.options.keep_max)
+        self._dropped = 0
         self._seen: set[int] = set()
+        # With keep_max: the fingerprints of the last keep_max entries, oldest first, and how
+        # often each occurs among them.
+        self._recent: deque[int] = deque()
+        self._recent_counts: Counter[int] = Counter()
         self._nonces: set[str] = set()
         self._nonce_expiry: deque[tuple[float, str]] = deque()
         self._requests = 0
@@ -395,8 +406,11 @@ class CloudStub:
         """Forget entries, counters and nonces; restore the starting faults and random seed."""
         self._faults = self.options.faults
         self._rng.seed(self.options.seed)
-        self._entries = []
+        self._entries.clear()
+        self._dropped = 0
         self._seen.clear()
+        self._recent.clear()
+        self._recent_counts.clear()
         self._nonces.clear()
         self._nonce_expiry.clear()
         self._requests = self._accepted = self._fail_body = 0
@@ -410,8 +424,10 @@ class CloudStub:
         Returns:
             ``requests`` (push requests seen), ``accepted``, ``rejected`` (``Code`` -> count),
             ``rejected_total``, ``fail_body`` (200 answers with ``"data": "fail"``),
-            ``entries_accepted``, ``duplicates`` (accepted entries equal in deviceType,
-            deviceId, recordTime and data to an earlier one) and ``last_request_time``.
+            ``entries_accepted``, ``entries_kept``, ``entries_dropped`` (older than the last
+            ``keep_max``), ``duplicates`` (accepted entries equal in deviceType, deviceId,
+            recordTime and data to an earlier one, among the last ``keep_max`` when set) and
+            ``last_request_time``.
         """
         return {
             "requests": self._requests,
@@ -420,6 +436,8 @@ class CloudStub:
             "rejected_total": self._rejected.total(),
             "fail_body": self._fail_body,
             "entries_accepted": self._entries_accepted,
+            "entries_kept": len(self._entries),
+            "entries_dropped": self._dropped,
             "duplicates": self._duplicates,
             "last_request_time": self._last_request_time,
         }
@@ -610,6 +628,7 @@ class CloudStub:
         self._accepted += 1
         self._entries_accepted += len(devices)
         keep = self.options.keep_entries
+        keep_max = self.options.keep_max
         seen = self._seen
         for entry in devices:
             device_id = entry.get("deviceId")
@@ -626,10 +645,27 @@ class CloudStub:
                 self._duplicates += 1
             else:
                 seen.add(key)
+            if keep_max is not None:
+                self._forget_all_but_recent(key, keep_max)
             if keep:
+                if len(self._entries) == keep_max:
+                    self._dropped += 1  # the deque drops its oldest entry on append
                 self._entries.append(
                     StoredEntry(device_type, device_id, record_time, data, self._accepted, now)
                 )
+
+    def _forget_all_but_recent(self, key: int, keep_max: int) -> None:
+        """Remember ``key`` among the last ``keep_max`` fingerprints; forget the one that
+        falls out, unless it occurs again within them."""
+        recent, counts = self._recent, self._recent_counts
+        recent.append(key)
+        counts[key] += 1
+        if len(recent) > keep_max:
+            old = recent.popleft()
+            counts[old] -= 1
+            if not counts[old]:
+                del counts[old]
+                self._seen.discard(old)
 
     def _error_response(self, request: web.Request, reject: _Reject) -> web.Response:
         request_id = _request_id()
@@ -665,15 +701,20 @@ class CloudStub:
             return _json_response(400, {"error": "since and limit must be integers"})
         if since < 0 or (limit is not None and limit < 0):
             return _json_response(400, {"error": "since and limit must not be negative"})
-        end = len(self._entries) if limit is None else since + limit
-        page = self._entries[since:end]
+        # Indices count every entry ever stored: the first kept one is number `dropped`.
+        dropped = self._dropped
+        total = dropped + len(self._entries)
+        first = max(since, dropped)
+        stop = total if limit is None else min(total, first + limit)
+        page = list(itertools.islice(self._entries, first - dropped, max(first, stop) - dropped))
         return _json_response(
             200,
             {
                 "requests": self._accepted,
-                "total": len(self._entries),
-                "next": since + len(page),
-                "more": since + len(page) < len(self._entries),
+                "total": total,
+                "next": first + len(page),
+                "more": first + len(page) < total,
+                "dropped": dropped,
                 "entries": [entry.to_json() for entry in page],
             },
         )
@@ -867,6 +908,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-keep", action="store_true", help="count accepted entries without storing them"
     )
+    parser.add_argument(
+        "--keep-max",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep only the last N accepted entries (and their fingerprints for duplicate"
+        " counting), count the rest: a bound for a stub that runs for days (default: keep all)",
+    )
 
 
 def options_from_args(
@@ -906,6 +955,7 @@ def options_from_args(
         max_skew_secs=args.max_skew_secs,
         seed=args.seed,
         keep_entries=not args.no_keep,
+        keep_max=args.keep_max,
     )
 
 
@@ -963,9 +1013,14 @@ async def _serve(options: StubOptions) -> None:
         port = runner.addresses[0][1]
         host = f"[{options.host}]" if ":" in options.host else options.host
         log.info(
-            "cloud-stub keys: %s; faults: %s",
+            "cloud-stub keys: %s; faults: %s; keeping %s",
             ", ".join(stub.key_ids),
             stub.faults.to_json(),
+            "no entries"
+            if not options.keep_entries
+            else f"the last {options.keep_max} entries"
+            if options.keep_max is not None
+            else "every entry",
         )
         print(f"cloud-stub listening on http://{host}:{port}", flush=True)
         stop = asyncio.Event()
@@ -1105,6 +1160,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
     return value
 
 

@@ -616,6 +616,90 @@ def test_fixed_credentials_resume_every_worker_promptly_after_sighup(
     assert ([], 0) == (missing, duplicates)
 
 
+@pytest.mark.parametrize("where", ["variable", "file"])
+def test_malformed_credentials_refuse_to_start(
+    stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path, where: str
+) -> None:
+    """Test that a credential with a CR/LF inside stops `run` at once with one line naming
+    the variable or file (never the value), instead of crashing at the first push."""
+    secret = "testsecret\r\nX-Injected: 1"
+    secret_file = tmp_path / "ak-secret"
+    if where == "file":
+        (tmp_path / "ak-id").write_text("testid\n", "utf-8")
+        secret_file.write_text(secret + "\n", "utf-8")
+        credentials = {
+            "source": "file",
+            "access_key_id_file": str(tmp_path / "ak-id"),
+            "access_key_secret_file": str(secret_file),
+        }
+        bridge = bridge_factory(cloud={"credentials": credentials}, ready_timeout=None)
+        named = f"the AccessKey secret file {secret_file}"
+    else:
+        bridge = bridge_factory(env={"ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret}, ready_timeout=None)
+        named = "the environment variable ALIBABA_CLOUD_ACCESS_KEY_SECRET"
+
+    wait_until(lambda: not bridge.running, 20, message=lambda: f"exit\n{bridge.describe()}")
+
+    output = [line for line in bridge.log_text().splitlines() if not line.startswith("====")]
+    assert 1 == len(output), output
+    assert output[0].startswith(f"energy-bridge: cloud credentials: {named} contains a line break")
+    assert (True, False) == (bridge.returncode not in {0, None}, "Injected" in output[0])
+    assert 0 == stub.stats()["requests"]
+
+
+def test_credentials_file_broken_at_run_time_pauses_and_recovers_on_sighup(
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path
+) -> None:
+    """Test that an AccessKey id file broken with a CR/LF inside (it goes into a header: this
+    crashed the bridge) and re-read on SIGHUP leaves the bridge up and not ready with a
+    credentials reason, keeping every reading, and that fixing the file plus another SIGHUP
+    delivers them all."""
+    key_id_file = tmp_path / "ak-id"
+    secret_file = tmp_path / "ak-secret"
+    key_id_file.write_text("testid\n", "utf-8")
+    secret_file.write_text("testsecret\n", "utf-8")
+    bridge = bridge_factory(
+        cloud={
+            "credentials": {
+                "source": "file",
+                "access_key_id_file": str(key_id_file),
+                "access_key_secret_file": str(secret_file),
+            }
+        },
+    )
+    pid = bridge.pid
+    assert pid is not None
+    total = 100
+    items = list(iter_telemetry(meter_ids(10), total // 10, START_TS))
+    with Publisher(mosquitto.host, mosquitto.port) as pub:
+        pub.publish_many(items[:10])
+    wait_until(lambda: _distinct(stub) >= 10, 20, message="the first readings")
+
+    key_id_file.write_text("test\r\nid\n", "utf-8")
+    os.kill(pid, signal.SIGHUP)
+    with Publisher(mosquitto.host, mosquitto.port) as pub:
+        pub.publish_many(items[10:])
+    body = wait_until(lambda: _not_ready(bridge), 20, message="/readyz 503")
+    wait_until(
+        lambda: bridge.metric("bridge_spool_readings") == total - 10,
+        20,
+        message="the readings kept in the spool",
+    )
+    reason = body["problems"].get("cloud", "")
+    assert f"no usable credentials: cloud credentials: the AccessKey id file {key_id_file}" in (
+        reason
+    )
+    assert (True, 10) == (bridge.running, _delivered(stub))
+
+    key_id_file.write_text("testid\n", "utf-8")
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: _distinct(stub) >= total, 30, message="every reading after the fix")
+    wait_until(lambda: _readyz(bridge)[0] == 200, 10, message="/readyz 200 again")
+    missing, duplicates, _ = _account(stub, total)
+    assert ([], 0) == (missing, duplicates)
+    assert "testsecret" not in bridge.log_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. throttling
 

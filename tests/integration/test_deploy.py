@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from bridge.cli import build_parser
 from bridge.config import Settings
 from bridge.push.retry import Outcome
-from bridge.tools.cloud_stub import DEFAULT_KEY
+from bridge.tools.cloud_stub import DEFAULT_KEY, options_from_args
 from tests.support import (
     LOOPBACK,
     START_TS,
@@ -174,7 +174,13 @@ def test_dockerfile_entrypoint_is_the_energy_bridge_command() -> None:
     assert "bridge.cli:main" == pyproject["project"]["scripts"]["energy-bridge"]
     assert ["energy-bridge"] == exec_form(last("ENTRYPOINT").args)
     assert ["run"] == exec_form(last("CMD").args)
-    assert last("FROM").args.startswith("python:3.11-slim")
+
+
+def test_dockerfile_base_image_is_pinned_to_an_exact_version() -> None:
+    """Test that the base image is one exact Python 3.11 patch release on one Debian release
+    (``python:3.11.N-slim-bookworm``, optionally with a digest), not a tag that moves."""
+    base = last("FROM").args
+    assert re.fullmatch(r"python:3\.11\.[0-9]+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
 
 
 def test_dockerfile_runs_as_a_non_root_user() -> None:
@@ -201,6 +207,15 @@ def test_compose_runs_real_subcommands_with_real_flags(capsys: pytest.CaptureFix
             parser.parse_args(command)
         except SystemExit:
             pytest.fail(f"{name}: energy-bridge {shlex.join(command)}: {capsys.readouterr().err}")
+
+
+def test_compose_cloud_stub_keeps_a_bounded_number_of_entries() -> None:
+    """Test that the compose stack's stub, which runs for days, keeps (and fingerprints for
+    duplicate counting) only a bounded number of the entries it accepts."""
+    command = command_of("cloud-stub")
+    options = options_from_args(build_parser(command[0]).parse_args(command), {})
+    assert options.keep_max is not None
+    assert 1 <= options.keep_max <= 100_000
 
 
 def test_compose_services_point_at_each_other() -> None:

@@ -650,3 +650,35 @@ def test_http_endpoint_binds_to_loopback_by_default(
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish("meters/1/meter-01/telemetry", telemetry_payload(0, START_TS))
     wait_until(lambda: {0} == _seqs(stub), 30, message="the reading")
+
+
+def _insecure_warnings(bridge: BridgeProcess) -> list[str]:
+    return [
+        event["event"]
+        for event in (
+            json.loads(line) for line in bridge.log_text().splitlines() if line[:1] == "{"
+        )
+        if event["level"] == "warning" and event["event"].startswith("INSECURE")
+    ]
+
+
+def test_plain_http_endpoint_beyond_loopback_is_warned_at_start(
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
+) -> None:
+    """Test that `run` logs one WARNING at start for an http:// endpoint whose host is not a
+    loopback address, and none for the loopback stub.
+
+    The remote endpoint is a documentation address (RFC 5737) that is never contacted: nothing
+    is published, so the bridge has nothing to push.
+    """
+    remote = bridge_factory(cloud_url="http://192.0.2.10:8080", log={"format": "json"})
+    local = bridge_factory(log={"format": "json"})
+    wait_until(lambda: "energy-bridge started" in local.log_text(), 10, message="the start line")
+    remote_warnings, local_warnings = _insecure_warnings(remote), _insecure_warnings(local)
+    remote.kill()
+
+    expected = (
+        "INSECURE: cloud.endpoint is plain http to a host that is not this machine: readings"
+        " and signed requests travel unencrypted"
+    )
+    assert ([expected], []) == (remote_warnings, local_warnings)

@@ -44,6 +44,49 @@ def test_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> 
     assert SECRET not in result.stdout + result.stderr
 
 
+def test_check_reports_a_credential_with_a_line_break_and_fails() -> None:
+    """Test that `check` reports the malformed credential `run` would refuse, naming the
+    variable (never the value), and exits 1."""
+    result = _cli(
+        "check",
+        env={
+            "ALIBABA_CLOUD_ACCESS_KEY_ID": "myid",
+            "ALIBABA_CLOUD_ACCESS_KEY_SECRET": SECRET[:6] + "\r\n" + SECRET[6:],
+        },
+    )
+    assert 1 == result.returncode, result.stderr
+    doc = json.loads(result.stdout)
+    expected = (
+        "cloud credentials: the environment variable ALIBABA_CLOUD_ACCESS_KEY_SECRET contains"
+        " a line break: a credential is one line of printable ASCII without spaces"
+    )
+    assert [expected] == doc["errors"]
+    assert "NOT USABLE" in doc["credentials"]
+    assert "value-never" not in result.stdout + result.stderr
+
+
+def _check_warnings(timezone: str) -> list[str]:
+    result = _cli("check", env={"ENERGY_BRIDGE_TIMEZONE": timezone})
+    assert 0 == result.returncode, result.stderr
+    warnings: list[str] = json.loads(result.stdout).get("warnings", [])
+    return warnings
+
+
+def test_check_warns_about_a_timezone_with_daylight_saving() -> None:
+    """Test that `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
+    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai."""
+    berlin = [w for w in _check_warnings("Europe/Berlin") if w.startswith("timezone")]
+    shanghai = [w for w in _check_warnings("Asia/Shanghai") if w.startswith("timezone")]
+
+    expected = (
+        "timezone Europe/Berlin has daylight saving time: recordTime is local time without an"
+        " offset, so when the clocks go back two readings an hour apart get the same recordTime"
+        " (and when they go forward an hour of recordTimes never occurs); use a zone without"
+        " DST, e.g. Asia/Shanghai (UTC+8, most likely the API's own) or UTC"
+    )
+    assert ([expected], []) == (berlin, shanghai)
+
+
 def test_check_sample_prints_the_push_body_with_exact_values() -> None:
     """Test that `check --sample` shows the request body a message would become."""
     result = _cli(
@@ -88,6 +131,15 @@ def test_bad_environment_override_names_the_key_and_variable() -> None:
     assert 2 == result.returncode
     assert "mqtt.port" in result.stderr
     assert "ENERGY_BRIDGE_MQTT__PORT" in result.stderr
+
+
+def test_misspelt_environment_variable_fails_naming_it() -> None:
+    """Test that an ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
+    with a message naming the variable, instead of being ignored."""
+    result = _cli("check", env={"ENERGY_BRIDGE_MQQT__PORT": "1884"})
+    assert 2 == result.returncode
+    assert "ENERGY_BRIDGE_MQQT__PORT is not a setting" in result.stderr
+    assert "" == result.stdout
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

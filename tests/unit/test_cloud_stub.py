@@ -865,6 +865,67 @@ async def test_introspection_no_keep_counts_only(serve: Serve) -> None:
     )
 
 
+async def test_introspection_keep_max_keeps_the_last_entries_and_counts_the_rest(
+    serve: Serve,
+) -> None:
+    """Test that keep_max=3 keeps the last three entries, counts the one dropped, and pages
+    with indices that stay those of all entries ever accepted."""
+    running = await serve(StubOptions(keep_max=3))
+
+    await running.push()  # m1, m2
+    await running.push({"deviceType": "1", "devices": [_entry("m3"), _entry("m4")]})
+    everything = await running.request("GET", "/_stub/received")
+    page = await running.request("GET", "/_stub/received", params={"since": "2", "limit": "1"})
+    stats = await running.request("GET", "/_stub/stats")
+
+    assert (["m2", "m3", "m4"], 4, 4, False, 1) == (
+        [e["deviceId"] for e in everything.body["entries"]],
+        everything.body["total"],
+        everything.body["next"],
+        everything.body["more"],
+        everything.body["dropped"],
+    )
+    assert (["m3"], 3, True) == (
+        [e["deviceId"] for e in page.body["entries"]],
+        page.body["next"],
+        page.body["more"],
+    )
+    assert {"entries_accepted": 4, "entries_kept": 3, "entries_dropped": 1}.items() <= (
+        stats.body.items()
+    )
+    assert ["m2", "m3", "m4"] == [e.device_id for e in running.stub.entries]
+
+
+async def test_introspection_keep_max_bounds_duplicate_detection_too(serve: Serve) -> None:
+    """Test that with keep_max only the last N entries' fingerprints are remembered: an entry
+    equal to one within them is a duplicate, one equal to an older entry is not."""
+    running = await serve(StubOptions(keep_max=3))
+
+    await running.push()  # m1, m2
+    again = _entry("m2", data={"Ua": "230.5"})  # m2 as in GOOD_BODY: a duplicate
+    await running.push({"deviceType": "1", "devices": [again]})
+    await running.push({"deviceType": "1", "devices": [_entry("m3"), _entry("m4")]})
+    await running.push({"deviceType": "1", "devices": [_entry("m1")]})  # m1 is forgotten
+    stats = await running.request("GET", "/_stub/stats")
+
+    assert (6, 1) == (stats.body["entries_accepted"], stats.body["duplicates"])
+
+
+async def test_introspection_reset_keeps_the_bound(serve: Serve) -> None:
+    """Test that after a reset the stub still keeps at most keep_max entries."""
+    running = await serve(StubOptions(keep_max=1))
+    await running.push()
+    await running.request("POST", "/_stub/reset")
+
+    await running.push()
+    received = await running.request("GET", "/_stub/received")
+
+    assert (["m2"], 1) == (
+        [e["deviceId"] for e in received.body["entries"]],
+        received.body["dropped"],
+    )
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
@@ -881,6 +942,7 @@ def test_cli_flags_build_options() -> None:
         "--throttle-rate", "0.2", "--retry-after-ms", "1500", "--latency-ms", "5",
         "--outage", "10:5", "--outage", "60:1.5", "--poison-point", "Pz",
         "--fail-body-rate", "0.3", "--max-skew-secs", "60", "--seed", "3", "--no-keep",
+        "--keep-max", "500",
     )  # fmt: skip
 
     options = options_from_args(args, {KEYS_ENV: "a:asecret:atoken, b:envsecret"})
@@ -901,6 +963,7 @@ def test_cli_flags_build_options() -> None:
         max_skew_secs=60,
         seed=3,
         keep_entries=False,
+        keep_max=500,
     )
     assert expected == options
 
@@ -922,6 +985,7 @@ def test_cli_defaults() -> None:
         ["--port", "70000"],
         ["--key", "onlyid"],
         ["--latency-ms", "-1"],
+        ["--keep-max", "0"],
     ],
 )
 def test_cli_bad_flag_exits(argv: list[str]) -> None:

@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from bridge.config import PayloadFormat, Route, Settings, load_settings
+from bridge.config import (
+    CloudSettings,
+    PayloadFormat,
+    Route,
+    Settings,
+    has_daylight_saving,
+    load_settings,
+)
 from bridge.errors import ConfigError
+from bridge.tools.cloud_stub import KEYS_ENV
 
 ROUTE = "meters/{deviceType}/{deviceId}/telemetry"
 
@@ -116,6 +124,87 @@ def test_config_environment_value_is_validated(monkeypatch: pytest.MonkeyPatch) 
     assert "mqtt.port" == info.value.key
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ENERGY_BRIDGE_MQQT__PORT",  # a typo in the section
+        "ENERGY_BRIDGE_TIMEZON",  # a typo in a top-level key
+        "energy_bridge_mqqt__port",  # read case-insensitively, so checked so too
+        "ENERGY_BRIDGE_MQTT__TLS__ENABLED__X",  # below a plain setting
+        "ENERGY_BRIDGE_ROUTES__0__TOPIC",  # list items are not addressed by index
+    ],
+)
+def test_config_environment_variable_that_is_no_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Test that an ENERGY_BRIDGE_* variable that names no setting fails, naming the
+    variable and never its value."""
+    monkeypatch.setenv(name, "1884-value-kept-private")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    assert name in str(info.value)
+    assert "value-kept-private" not in str(info.value)
+
+
+def test_config_environment_typo_suggests_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test that a misspelt section is reported with the setting it probably means."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQQT__PORT", "1884")
+
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+
+    expected = (
+        "the environment variable ENERGY_BRIDGE_MQQT__PORT is not a setting (did you mean"
+        " ENERGY_BRIDGE_MQTT__PORT?); settings are ENERGY_BRIDGE_<SECTION>__<KEY>, see the"
+        " configuration reference"
+    )
+    assert ("", expected) == (info.value.key, info.value.message)
+
+
+def test_config_environment_settings_and_tool_variables_still_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that real settings of every depth, whole sections and lists as JSON, and the
+    variables of the project's tools (the cloud stub's keys) are all accepted."""
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "1884")
+    monkeypatch.setenv("energy_bridge_log__level", "debug")
+    monkeypatch.setenv("ENERGY_BRIDGE_MQTT__TLS__INSECURE", "false")
+    monkeypatch.setenv("ENERGY_BRIDGE_CLOUD", '{"max_in_flight": 8}')
+    monkeypatch.setenv(
+        "ENERGY_BRIDGE_ROUTES", '[{"topic": "plant/{deviceId}", "device_type": "1"}]'
+    )
+    monkeypatch.setenv("ENERGY_BRIDGE_TIMEZONE", "UTC")
+    monkeypatch.setenv(KEYS_ENV, "testid:testsecret")
+
+    settings = load_settings()
+
+    assert (1884, "DEBUG", 8, "plant/{deviceId}", "UTC") == (
+        settings.mqtt.port,
+        settings.log.level,
+        settings.cloud.max_in_flight,
+        settings.routes[0].topic,
+        settings.timezone,
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "dst"),
+    [
+        ("Europe/Berlin", True),
+        ("America/New_York", True),
+        ("Australia/Sydney", True),  # southern hemisphere: DST over the new year
+        ("Asia/Shanghai", False),
+        ("UTC", False),
+        ("Asia/Kolkata", False),
+    ],
+)
+def test_config_has_daylight_saving(zone: str, dst: bool) -> None:
+    """Test that zones whose clocks change during the year are told from those that do not."""
+    assert dst == has_daylight_saving(zone)
+
+
 def test_config_settings_are_frozen() -> None:
     """Test that loaded settings cannot be changed afterwards."""
     settings = load_settings()
@@ -198,6 +287,24 @@ def test_config_bad_timezone(write: typing.Callable[[str], Path]) -> None:
 def test_config_bad_endpoint(write: typing.Callable[[str], Path], endpoint: str) -> None:
     """Test that an endpoint without scheme and host, or with a path or query, is refused."""
     assert "cloud.endpoint" == _error(write(f"cloud:\n  endpoint: '{endpoint}'\n")).key
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warned"),
+    [
+        ("http://127.0.0.1:8080", False),
+        ("http://127.0.0.2:8080", False),
+        ("http://[::1]:8080", False),
+        ("http://localhost:8080", False),
+        ("http://192.0.2.10:8080", True),
+        ("http://cloud-stub:8080", True),
+        ("http://127.0.0.1.example.com", True),
+        ("https://energyexpertexternal.cn-hangzhou.aliyuncs.com", False),
+    ],
+)
+def test_config_plain_http_beyond_loopback(endpoint: str, warned: bool) -> None:
+    """Test which endpoints count as unencrypted traffic leaving the machine."""
+    assert warned == CloudSettings(endpoint=endpoint).plain_http_beyond_loopback
 
 
 @pytest.mark.parametrize(
@@ -287,6 +394,89 @@ def test_config_invalid_yaml(write: typing.Callable[[str], Path]) -> None:
 
     assert "" == error.key
     assert "not valid YAML" in error.message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("  password: {secret}: x", "line 3, column 33: mapping values are not allowed here"),
+        ("  password: *{secret}", "line 3, column 13: found undefined alias '...'"),
+        ('  password: "{secret}\\q"', "line 3, column 35: found unknown escape character 'q'"),
+    ],
+)
+def test_config_yaml_syntax_error_gives_line_and_column_never_the_text(
+    write: typing.Callable[[str], Path], line: str, expected: str
+) -> None:
+    """Test that a YAML error on the password line names line, column and problem, and
+    neither the error nor its chained causes quote the line (the password)."""
+    secret = "s3cr3t-pa55-v4lue-xy"
+    path = write("mqtt:\n  username: plant\n" + line.format(secret=secret) + "\nbatch: {}\n")
+
+    error = _error(path)
+
+    assert f"config file {path} is not valid YAML: {expected}" == error.message
+    assert (None, True) == (error.__cause__, error.__suppress_context__)
+    assert "pa55" not in str(error)
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """Billion laughs under a route's ``scale``: ``width ** levels`` strings from a few lines."""
+    lines = ["routes:", '  - topic: "meters/{deviceType}/{deviceId}/telemetry"', "    renames:"]
+    lines.append(f"      l0: &l0 [{', '.join(['lol'] * width)}]")
+    for level in range(1, levels):
+        lines.append(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    lines += ["    scale:", f"      Ep_imp: *l{levels - 1}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(20)
+def test_config_yaml_alias_bomb_is_refused(write: typing.Callable[[str], Path]) -> None:
+    """Test that a billion-laughs document (73 aliases, 9**9 values) is refused, and fast."""
+    error = _error(write(_alias_bomb(9, 9)))
+
+    assert "" == error.key
+    assert "aliases expand to more than" in error.message
+
+
+@pytest.mark.timeout(20)
+def test_config_yaml_with_too_many_aliases_is_refused(write: typing.Callable[[str], Path]) -> None:
+    """Test that a document with more aliases than any config needs is refused, naming why."""
+    error = _error(write(_alias_bomb(2, 150)))
+
+    assert "" == error.key
+    assert "more than 100 YAML aliases" in error.message
+
+
+def test_config_yaml_alias_that_contains_itself_is_refused(
+    write: typing.Callable[[str], Path],
+) -> None:
+    """Test that a recursive alias is a ConfigError, not a crash."""
+    error = _error(write("routes: &r [*r]\n"))
+
+    assert ("", True) == (error.key, "contains itself" in error.message)
+
+
+def test_config_yaml_few_aliases_are_fine(write: typing.Callable[[str], Path]) -> None:
+    """Test that ordinary use of anchors and aliases (a shared scale) still loads."""
+    settings = load_settings(
+        write(
+            "routes:\n"
+            "  - topic: 'meters/{deviceType}/{deviceId}/telemetry'\n"
+            "    scale: &kwh {Ep_imp: '0.001', Ep_exp: '0.001'}\n"
+            "  - topic: 'plant/{deviceId}/data'\n"
+            "    device_type: '1'\n"
+            "    scale: *kwh\n"
+        )
+    )
+
+    assert (
+        settings.routes[0].scale
+        == settings.routes[1].scale
+        == {
+            "Ep_imp": "0.001",
+            "Ep_exp": "0.001",
+        }
+    )
 
 
 @pytest.mark.parametrize("text", ["- mqtt\n- batch\n", "just a string\n", "42\n"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +141,29 @@ def test_spool_open_creates_missing_directories(tmp_path: Path) -> None:
     SpoolStore.open(path, max_bytes=BIG).close()
 
     assert path.is_file()
+
+
+def test_spool_new_file_and_its_wal_are_private(path: Path) -> None:
+    """Test that a new spool, and its -wal (and -shm) file after a write, are readable and
+    writable by the owner only, even under a umask that would let everyone read them."""
+    old = os.umask(0)
+    try:
+        spool = SpoolStore.open(path, max_bytes=BIG)
+        try:
+            spool.commit([_reading()], [])
+            names = [path.name, path.name + "-wal", path.name + "-shm"]
+            modes = {
+                name: stat.S_IMODE((path.parent / name).stat().st_mode)
+                for name in names
+                if (path.parent / name).exists()
+            }
+        finally:
+            spool.close()
+    finally:
+        os.umask(old)
+
+    assert path.name + "-wal" in modes
+    assert dict.fromkeys(modes, 0o600) == modes
 
 
 # -- ids ------------------------------------------------------------------------------------
