@@ -668,6 +668,13 @@ def load_settings(path: Path | None = None) -> Settings:
                     f"top-level key {key!r} is not a name (YAML reads on/off/yes/no and numbers"
                     " as values: quote the key)",
                 )
+            if key not in Settings.model_fields:
+                # Checked here, not left to the model: pydantic-settings takes keyword
+                # arguments such as _cli_parse_args or _env_file as instructions (parse the
+                # command line, read a dotenv file) instead of settings.
+                raise ConfigError(
+                    key, "unknown key (check the spelling; see the configuration reference)"
+                )
         data = loaded
     check_environment()
     try:

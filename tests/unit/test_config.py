@@ -557,3 +557,15 @@ def test_config_route_subscription_turns_placeholders_into_plus(
     )
 
     assert subscription == route.subscription
+
+
+@pytest.mark.parametrize("key", ["_cli_parse_args", "_env_file", "_secrets_dir", "_case_sensitive"])
+def test_config_keys_that_are_settings_source_options_are_refused(
+    write: typing.Callable[[str], Path], key: str
+) -> None:
+    """Test that a top-level key pydantic-settings would take as an instruction (parse the
+    command line and exit, read a dotenv file) is refused as an unknown key, naming it. Found
+    by the config fuzzer: `_cli_parse_args: true` made `check` parse its own argv and exit."""
+    error = _error(write(f"{key}: true\n"))
+
+    assert (key, True) == (error.key, "unknown key" in error.message)
