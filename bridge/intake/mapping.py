@@ -95,6 +95,7 @@ MAX_DEVICE_ID: Final = 128
 """Longer device ids are rejected (the device freshness table holds up to 100,000 of them)."""
 _EXCERPT: Final = 60
 _MAX_SCALED_EXPONENT: Final = 1000  # bounds the length of format(d, "f") output
+_MAX_EXPONENT_DIGITS: Final = 6
 
 _NUMBER_TEXT: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _DIGITS: Final = "0123456789"
@@ -120,6 +121,13 @@ class _Const(str):
     __slots__ = ()
 
 
+class _HugeNum(str):
+    """A JSON number whose exponent has more than 6 digits (``6e5555...``): not a measurement,
+    and beyond what a decimal can hold, so it is refused as a value and as a time."""
+
+    __slots__ = ()
+
+
 def _loads(text: str) -> Any:
     try:
         return _DECODER(text)
@@ -135,7 +143,13 @@ def _loads(text: str) -> Any:
         raise MappingError("bad_json", "payload JSON is nested too deeply to parse") from None
 
 
-_DECODER: Final = json.JSONDecoder(parse_float=_Num, parse_int=_Num, parse_constant=_Const).decode
+def _float_text(text: str) -> str:
+    return _Num(text) if _exponent_in_range(text) else _HugeNum(text)
+
+
+_DECODER: Final = json.JSONDecoder(
+    parse_float=_float_text, parse_int=_Num, parse_constant=_Const
+).decode
 
 
 def _clip(text: str) -> str:
@@ -178,7 +192,14 @@ def _is_number_text(text: str) -> bool:
     head, dot, tail = body.partition(".")
     if dot and head.isdigit() and tail.isdigit():
         return True
-    return _NUMBER_TEXT.fullmatch(text) is not None
+    return _NUMBER_TEXT.fullmatch(text) is not None and _exponent_in_range(text)
+
+
+def _exponent_in_range(text: str) -> bool:
+    """Whether a number's exponent (``1e5``) has at most 6 digits: no meter measures past
+    that, and larger ones are beyond what a decimal can hold (``6e5555...`` broke it)."""
+    mark = max(text.find("e"), text.find("E"))
+    return mark < 0 or len(text[mark + 1 :].lstrip("+-")) <= _MAX_EXPONENT_DIGITS
 
 
 def _value_text(value: object, point: str) -> str | None:
@@ -191,7 +212,9 @@ def _value_text(value: object, point: str) -> str | None:
         kind = type(value)
         if kind is _Num:
             return str(value)
-        if kind is _Const:
+        if kind is _HugeNum:
+            expected = "expected a number with an exponent of at most 6 digits"
+        elif kind is _Const:
             expected = "expected a finite number"
         elif _is_number_text(value):
             return value
@@ -243,6 +266,8 @@ def _epoch_from_text(text: str, tz: ZoneInfo) -> int:
         if _NUMBER_TEXT.fullmatch(text):
             if text[:1] == "-":
                 raise _bad_time(text, "is a negative epoch")
+            if not _exponent_in_range(text):
+                raise _bad_time(text, "is outside the accepted years 2000-2100 (UTC)")
             number = Decimal(text)
             if number.adjusted() > _MAX_EPOCH_TEXT:
                 raise _bad_time(text, "is outside the accepted years 2000-2100 (UTC)")

@@ -879,3 +879,18 @@ def test_long_topics_and_device_ids_are_rejected_to_bound_memory() -> None:
         _reject('{"P": 1}', long_topic).reason,
     ]
     assert _one('{"P": 1}', f"meters/1/{'m' * 128}/telemetry".encode()).data == {"P": "1"}
+
+
+def test_numbers_with_absurd_exponents_are_rejected_not_raised() -> None:
+    """Test that a value or time like 6e5555...5 (an exponent past what a decimal holds) is a
+    bad_value / bad_time reject, not an exception that would stop the ingest loop. Found by
+    the mapping fuzzer."""
+    huge = "6e" + "5" * 60
+
+    expected = ["bad_time", "bad_value", "bad_value"]
+    assert expected == [
+        _reject(f'{{"ts": {huge}, "Ua": 1}}').reason,
+        _reject(f'{{"Ua": {huge}}}').reason,
+        _reject(f'{{"Ua": "{huge}"}}').reason,
+    ]
+    assert {"Ua": "1e123456"} == _one('{"Ua": 1e123456}').data
