@@ -175,7 +175,15 @@ class Ingest:
                 f"a packet of {inbound.oversized} bytes, over mqtt.max_payload_bytes;"
                 " only its start was read",
             )
-        return self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
+        try:
+            return self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
+        except MappingError:
+            raise
+        except Exception as exc:
+            # A bug, not bad input; still only this message is set aside, never the loop
+            # (and the messages around it) with it.
+            log.exception("mapping failed unexpectedly; message dead-lettered")
+            raise MappingError("mapping_failed", f"{type(exc).__name__}: {exc}"[:300]) from exc
 
     async def stop(self, deadline: float) -> None:
         """Commit and acknowledge what is pending, then let :meth:`run` return.

@@ -79,6 +79,7 @@ REASONS: Final[tuple[str, ...]] = (
     "no_points",  # nothing left to send: empty array, empty object, or only null values
     "bad_value",  # a point value is not a finite number or numeric string
     "bad_time",  # the time is unparseable, negative, or outside 2000-2100
+    "mapping_failed",  # the mapping itself failed (a bug): logged with its traceback
 )
 
 _MIN_TS: Final = 946_684_800  # 2000-01-01T00:00:00Z

@@ -11,7 +11,7 @@ from bridge.config import Route
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import Mapper
 from bridge.intake.mqtt import AckToken, Received
-from bridge.models import Batch, Inbound
+from bridge.models import Batch, Inbound, Reading
 from bridge.push.batching import Batcher
 from bridge.push.feeder import Feeder
 from bridge.spool.store import SpoolStore
@@ -54,13 +54,19 @@ class FakeSource:
         self.calls.append("resume")
 
 
-def _ingest(spool: SpoolThread, source: FakeSource, metrics: Metrics, high_water: int) -> Ingest:
+def _ingest(
+    spool: SpoolThread,
+    source: FakeSource,
+    metrics: Metrics,
+    high_water: int,
+    mapper: Mapper | None = None,
+) -> Ingest:
     queue: asyncio.Queue[Batch] = asyncio.Queue()
     batcher = Batcher(
         max_devices=10, max_bytes=1 << 20, window_secs=60, linger_secs=1, clock=time.time
     )
     return Ingest(
-        mapper=Mapper([Route()], "Asia/Shanghai", max_payload_bytes=1024),
+        mapper=mapper or Mapper([Route()], "Asia/Shanghai", max_payload_bytes=1024),
         spool=spool,
         feeder=Feeder(spool=spool, batcher=batcher, queue=queue),
         source=source,
@@ -122,3 +128,35 @@ async def test_ingest_pauses_at_high_water_and_resumes_below_half(
             await eventually(lambda: len(source.acked) == 12, message="12 acks")
 
     assert (["pause"], ["pause", "resume"]) == (paused, source.calls)
+
+
+async def test_ingest_sets_aside_a_message_the_mapping_fails_on_and_keeps_the_rest(
+    spool: SpoolThread, store: SpoolStore, metrics: Metrics
+) -> None:
+    """Test that a bug in the mapping (any exception, not a reject) costs only its message: it
+    is dead-lettered as mapping_failed and acked, and the messages around it are stored."""
+
+    class BuggyMapper(Mapper):
+        """The real mapping, with a bug for one device."""
+
+        __slots__ = ()
+
+        def map(self, topic: bytes, payload: bytes, received_at: float) -> list[Reading]:
+            if b"m-2" in topic:
+                raise ZeroDivisionError("a bug")
+            return super().map(topic, payload, received_at)
+
+    source = FakeSource()
+    mapper = BuggyMapper([Route()], "Asia/Shanghai", max_payload_bytes=1024)
+    ingest = _ingest(spool, source, metrics, high_water=100, mapper=mapper)
+    async with running(ingest, spool):
+        for n in (1, 2, 3):
+            source.publish(f"meters/1/m-{n}/telemetry", _payload(n), n)
+        await eventually(lambda: len(source.acked) == 3, message="3 acks")
+
+    with reopened(store.path) as stored:
+        expected = (["m-1", "m-3"], [("mapping_failed", "ZeroDivisionError: a bug")])
+        assert expected == (
+            [row.reading.device_id for row in stored.fetch_after(0, 10)],
+            [(d.reason, d.detail) for d in stored.dead_letters()],
+        )
