@@ -154,10 +154,12 @@ _DECODER: Final = json.JSONDecoder(
 
 
 def _clip(text: str) -> str:
-    """Quote ``text`` for an error message, cut to a short excerpt."""
-    if len(text) > _EXCERPT:
-        return repr(text[:_EXCERPT]) + "..."
-    return repr(text)
+    """Quote ``text`` for an error message, cut to a short excerpt (of the quoted form: an
+    escaped control character takes four characters)."""
+    quoted = repr(text[: _EXCERPT + 1])
+    if len(text) > _EXCERPT or len(quoted) > _EXCERPT + 2:
+        return quoted[: _EXCERPT + 1] + "'..."
+    return quoted
 
 
 def _describe(value: object) -> str:
