@@ -34,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttProtocol, MqttSettings
 from bridge.health import Health
+from bridge.intake.packets import PUBLISH, MalformedPacket, fixed_header, parse_publish, pubacks
 from bridge.logs import Throttled
 from bridge.models import Inbound
 from bridge.push.retry import backoff
@@ -49,7 +50,9 @@ Received = tuple[Inbound, AckToken | None]
 """A message and its ack token (``None`` for QoS 0, which needs no ack)."""
 
 _READ_CHUNK = 256 * 1024
-_PACKETS_PER_WAKEUP = 2000
+_CHUNKS_PER_WAKEUP = 8
+_QOS_2_OR_OTHER = 0xF4
+"""Masks a fixed header's first byte to PUBLISH (0x30) only for QoS 0 or 1 PUBLISH packets."""
 _PUBLISH = 0x30
 _HEADER_ALLOWANCE = 70_000
 """Bytes a PUBLISH may carry besides its payload: a topic of up to 64 KiB and properties."""
@@ -63,10 +66,11 @@ _FLAPS_NOT_READY = 3
 
 
 class _BufferedClient(paho.Client):
-    """paho reads each packet with three or more ``recv`` calls (command byte, length bytes,
-    body): at thousands of messages a second those system calls are most of the cost. This
-    subclass serves them from one large read. ``would_block`` tells the reader when both the
-    buffer and the socket are empty, since paho turns that condition into plain success.
+    """paho with one receive buffer shared with the MQTT edge's own packet reader.
+
+    The edge reads the socket in large chunks into ``rbuf`` and decodes PUBLISH packets itself
+    (:meth:`MqttSource._take_packets`); paho reads every other packet from the same buffer
+    through ``_sock_recv``, so its three or more reads per packet cost no system calls.
 
     It also keeps memory bounded whatever the broker sends: of a PUBLISH larger than
     ``max_packet`` bytes, paho is given only the first ``max_packet`` bytes (the topic, the
@@ -79,7 +83,6 @@ class _BufferedClient(paho.Client):
     def __init__(self, *args: Any, max_packet: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rbuf = bytearray()
-        self.would_block = False
         self.max_packet = max_packet
         self.oversized = 0
 
@@ -100,12 +103,25 @@ class _BufferedClient(paho.Client):
         del buf[:bufsize]
         return chunk
 
+    @property
+    def in_packet(self) -> bool:
+        """Whether paho is in the middle of reading a packet."""
+        return bool(self._in_packet["command"])
+
+    def recv_raw(self) -> bytes:
+        """One read from the socket (raises BlockingIOError when there is nothing)."""
+        return self._recv_chunk()
+
+    def note_received(self) -> None:
+        """Bytes arrived: the keepalive's clock (paho sets it only for what it reads)."""
+        self._last_bytes_received = time.monotonic()
+
+    def queue_raw(self, command: int, packet: bytes) -> None:
+        """Queue bytes for paho to write, in order with its own packets."""
+        self._packet_queue(command, packet, 0, 1)
+
     def _recv_chunk(self) -> bytes:
-        try:
-            return super()._sock_recv(_READ_CHUNK)
-        except BlockingIOError:
-            self.would_block = True
-            raise
+        return super()._sock_recv(_READ_CHUNK)
 
     def _guard_oversized(self, packet: Any, bufsize: int) -> int:
         """Drop the body of an oversized PUBLISH past ``max_packet``; returns what paho may
@@ -186,11 +202,11 @@ class MqttSource:
         sent = 0
         if self._session_up:
             generation = self._generation
-            client = self._client
-            for gen, mid in tokens:
-                if gen == generation:
-                    client.ack(mid, 1)
-                    sent += 1
+            mids = [mid for gen, mid in tokens if gen == generation]
+            if mids:
+                # One write for the whole group, in the order received.
+                self._client.queue_raw(paho.PUBACK, pubacks(mids))
+            sent = len(mids)
         if sent < len(tokens):
             self._metrics.readings_redelivered.inc(len(tokens) - sent)
         return sent
@@ -427,19 +443,95 @@ class MqttSource:
         self._in_loop(unregister)
 
     def _on_readable(self) -> None:
+        """Read what the socket has and cut it into packets (see :mod:`bridge.intake.packets`).
+
+        QoS 0/1 PUBLISH packets are decoded here, in one pass over the buffer; everything else
+        (and a PUBLISH too large to read whole) is handed to paho, which reads it from the
+        same buffer and keeps the session's state.
+        """
         client = self._client
-        for _ in range(_PACKETS_PER_WAKEUP):
+        for _ in range(_CHUNKS_PER_WAKEUP):
             if self._paused or self._sock is None:
                 return
-            client.would_block = False
-            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+            try:
+                data = client.recv_raw()
+            except BlockingIOError:
                 return
-            if client.would_block and not client.rbuf:
+            except OSError:
+                client.loop_read()  # paho reads the error again and closes the connection
                 return
-        # Packets may be left in our buffer with nothing left to read on the socket, so the
-        # loop would not wake us again: come back after other tasks had their turn.
+            if not data:
+                client.loop_read()  # end of stream: paho handles the lost connection
+                return
+            client.rbuf += data
+            client.note_received()
+            self._take_packets()
+        # A TLS socket may hold decrypted bytes the selector does not report: come back after
+        # other tasks had their turn.
         assert self._loop is not None  # noqa: S101
         self._loop.call_soon(self._on_readable)
+
+    def _take_packets(self) -> None:
+        client = self._client
+        buf = client.rbuf
+        inbox = self._inbox
+        v5 = self._settings.protocol is MqttProtocol.V5
+        limit = client.max_packet
+        generation = self._generation
+        resumed = self._session_present
+        received_at = time.time()
+        pos = 0
+        before = len(inbox)
+        while True:
+            if client.in_packet:
+                # paho is in the middle of a packet (an oversized PUBLISH): it reads on.
+                del buf[:pos]
+                pos = 0
+                if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.in_packet:
+                    break
+                continue
+            try:
+                header = fixed_header(buf, pos)
+            except MalformedPacket:
+                header = None
+                client.loop_read()  # paho finds the same fault and closes the connection
+                break
+            if header is None:
+                break
+            first, length, header_length = header
+            end = pos + header_length + length
+            if first & _QOS_2_OR_OTHER == PUBLISH and length <= limit:
+                if end > len(buf):
+                    break
+                try:
+                    msg = parse_publish(buf, pos, end, v5=v5)
+                except MalformedPacket:
+                    del buf[:pos]
+                    pos = 0
+                    client.loop_read()  # paho finds the same fault and closes the connection
+                    break
+                pos = end
+                inbound = Inbound(
+                    msg.topic,
+                    msg.payload,
+                    received_at,
+                    msg.mid,
+                    msg.qos,
+                    msg.dup,
+                    # A retained copy on a resumed session was seen when it was published.
+                    retained_replay=msg.retain and resumed,
+                )
+                inbox.append((inbound, (generation, msg.mid) if msg.qos else None))
+                continue
+            if length <= limit and end > len(buf):
+                break  # paho gets whole packets only (an oversized PUBLISH excepted)
+            del buf[:pos]
+            pos = 0
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                break
+        del buf[:pos]
+        if len(inbox) > before:
+            self._mail.set()
 
     def _on_writable(self) -> None:
         self._client.loop_write()

@@ -21,10 +21,11 @@ HERE = Path(__file__).resolve().parent
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "45"))
 
 
-@pytest.mark.parametrize("target", ["mapping", "config"])
+@pytest.mark.parametrize("target", ["mapping", "config", "packets"])
 def test_fuzzer_finds_no_crash_in_a_bounded_run(target: str, tmp_path: Path) -> None:
     """Test that libFuzzer, guided by coverage from the kept corpus, finds no input that makes
-    the mapping or the config loader fail other than by their own error (a reason, a key)."""
+    the mapping, the config loader or the PUBLISH reader fail other than by their own error (a
+    reason, a key, a malformed packet), or makes the reader disagree with paho."""
     corpus = tmp_path / "corpus"
     shutil.copytree(HERE / "corpus" / target, corpus)
     seeds = len(list(corpus.iterdir()))
