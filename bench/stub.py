@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import urllib.request
@@ -50,7 +51,7 @@ def _times_middleware(stub: cloud_stub.CloudStub) -> Any:
         if request.path != _TIMES_PATH:
             return await handler(request)
         since = int(request.query.get("since", "0"))
-        page = stub.entries[since:]
+        page = list(itertools.islice(stub.entries, since, None))
         seqs = [int(entry.data.get("seq", "-1")) for entry in page]
         times = [entry.received_at for entry in page]
         body = orjson.dumps({"seq": seqs, "t": times, "next": since + len(page)})
