@@ -122,13 +122,6 @@ class _Const(str):
     __slots__ = ()
 
 
-class _HugeNum(str):
-    """A JSON number whose exponent has more than 6 digits (``6e5555...``): not a measurement,
-    and beyond what a decimal can hold, so it is refused as a value and as a time."""
-
-    __slots__ = ()
-
-
 def _loads(text: str) -> Any:
     try:
         return _DECODER(text)
@@ -144,12 +137,8 @@ def _loads(text: str) -> Any:
         raise MappingError("bad_json", "payload JSON is nested too deeply to parse") from None
 
 
-def _float_text(text: str) -> str:
-    return _Num(text) if _exponent_in_range(text) else _HugeNum(text)
-
-
 _DECODER: Final = json.JSONDecoder(
-    parse_float=_float_text, parse_int=_Num, parse_constant=_Const
+    parse_float=_Num, parse_int=_Num, parse_constant=_Const
 ).decode
 
 
@@ -214,8 +203,9 @@ def _value_text(value: object, point: str) -> str | None:
     if isinstance(value, str):
         kind = type(value)
         if kind is _Num:
-            return str(value)
-        if kind is _HugeNum:
+            text = str(value)
+            if ("e" not in text and "E" not in text) or _exponent_in_range(text):
+                return text
             expected = "expected a number with an exponent of at most 6 digits"
         elif kind is _Const:
             expected = "expected a finite number"
@@ -671,7 +661,7 @@ class Mapper:
         for key, value in obj.items():
             if key == time_key:
                 continue
-            if type(value) is _Num:
+            if type(value) is _Num and "e" not in value and "E" not in value:
                 text = str(value)
             else:
                 maybe = _value_text(value, key)

@@ -162,6 +162,7 @@ class MqttSource:
         self._settings = settings
         self._subscriptions = list(subscriptions)
         self._inbox: list[Received] = []
+        self._inbox_limit = max(1_000, settings.receive_maximum)
         self._mail = asyncio.Event()
         self._finished = Finished()
         self._metrics = metrics
@@ -452,6 +453,10 @@ class MqttSource:
         client = self._client
         for _ in range(_CHUNKS_PER_WAKEUP):
             if self._paused or self._sock is None:
+                return
+            if len(self._inbox) >= self._inbox_limit:
+                # The consumer is behind: leave the rest in the socket (the broker's flow
+                # control holds it) until the inbox is taken; the selector wakes us again.
                 return
             try:
                 data = client.recv_raw()
