@@ -137,9 +137,7 @@ def _loads(text: str) -> Any:
         raise MappingError("bad_json", "payload JSON is nested too deeply to parse") from None
 
 
-_DECODER: Final = json.JSONDecoder(
-    parse_float=_Num, parse_int=_Num, parse_constant=_Const
-).decode
+_DECODER: Final = json.JSONDecoder(parse_float=_Num, parse_int=_Num, parse_constant=_Const).decode
 
 
 def _clip(text: str) -> str:
