@@ -534,6 +534,10 @@ class MqttSource:
             pos = 0
             if client.loop_read() != paho.MQTT_ERR_SUCCESS:
                 break
+            # That packet may have been the CONNACK of a new connection: the messages after it
+            # belong to that connection (their acks are sent, not dropped as stale).
+            generation = self._generation
+            resumed = self._session_present
         del buf[:pos]
         if len(inbox) > before:
             self._mail.set()
