@@ -11,6 +11,11 @@ increase. Counters reconcile:
 
 from __future__ import annotations
 
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,13 +25,85 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from bridge import __version__
 
-__all__ = ["Metrics"]
+__all__ = ["AgeHistogram", "Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class AgeHistogram(Collector):
+    """A Prometheus histogram of ages, observed a batch at a time.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the buckets for each value;
+    the end-to-end latency is observed for every delivered reading (thousands per second), where
+    that cost showed up in the profile (~3 % of the bridge's CPU). Here a batch's ages are sorted
+    into the buckets with one lock taken. The exposition is the same as a ``Histogram``'s
+    (``_bucket{le}`` cumulative, ``_sum``, ``_count``).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        """Register the histogram.
+
+        Args:
+            name: the metric name, without ``_bucket``/``_sum``/``_count``.
+            documentation: the help text.
+            buckets: the finite upper bounds, ascending (``+Inf`` is added).
+            registry: where it is exposed.
+        """
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        if list(self._bounds) != sorted(set(self._bounds)):
+            raise ValueError("buckets must be strictly ascending")
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()  # collect() runs in the HTTP server's thread
+        registry.register(self)
+
+    def observe_ages(self, received_ats: Iterable[float], now: float | None = None) -> None:
+        """Observe ``now - t`` for every ``t`` (epoch seconds); ``now`` defaults to the clock."""
+        if now is None:
+            now = time.time()
+        bounds = self._bounds
+        local = [0] * len(self._counts)
+        total = 0.0
+        for received in received_ats:
+            age = now - received
+            total += age
+            # le is inclusive: an age equal to a bound belongs to that bound's bucket.
+            local[bisect_left(bounds, age)] += 1
+        with self._lock:
+            counts = self._counts
+            for index, count in enumerate(local):
+                if count:
+                    counts[index] += count
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """Yield the cumulative buckets, the sum and the count."""
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self._bounds, float("inf")), counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else _le(bound), running))
+        family = HistogramMetricFamily(self._name, self._documentation)
+        family.add_metric([], buckets, total)
+        yield family
+
+
+def _le(bound: float) -> str:
+    """The ``le`` label text Prometheus' own client writes for a bound (``5.0``, ``0.05``)."""
+    return repr(float(bound))
 
 
 class Metrics:
@@ -120,7 +197,7 @@ class Metrics:
         self.concurrency_limit = Gauge(
             "bridge_push_concurrency_limit", "Current adaptive concurrency limit", registry=r
         )
-        self.e2e_latency = Histogram(
+        self.e2e_latency = AgeHistogram(
             "bridge_end_to_end_latency_seconds",
             "From MQTT receipt to acceptance by the cloud",
             buckets=_E2E_BUCKETS,
