@@ -48,7 +48,7 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridge.config import has_daylight_saving  # noqa: PLC0415
+    from bridge.config import has_daylight_saving, per_point_warning  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
     from bridge.intake.mapping import Mapper  # noqa: PLC0415
 
@@ -68,6 +68,8 @@ def _check(args: argparse.Namespace) -> int:
             " use a zone without DST, e.g. Asia/Shanghai (UTC+8, most likely the API's own)"
             " or UTC"
         )
+    if (shared := per_point_warning(settings)) is not None:
+        warnings.append(shared)
     if settings.cloud.endpoint == "http://127.0.0.1:8080":
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
     creds = CredentialsProvider(settings.cloud.credentials)

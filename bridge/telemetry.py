@@ -40,6 +40,12 @@ class Metrics:
         PlatformCollector(registry=r)
         self.build_info = Info("bridge_build", "energy-bridge build information", registry=r)
         self.build_info.info({"version": __version__})
+        self.replica_info = Info(
+            "bridge_replica",
+            "Which replica this is: its MQTT client id, host name and share group (empty when"
+            " it does not share)",
+            registry=r,
+        )
 
         # Intake
         self.messages_received = Counter(
