@@ -1,4 +1,4 @@
-"""The ``energy-bridge`` command: run, check, cloud-stub, simulate, demo."""
+"""The ``energy-bridge`` command: run, check, cloud-stub, simulate, demo, dlq, session, spool."""
 
 from __future__ import annotations
 
@@ -123,6 +123,8 @@ _DELEGATED = (
     ("simulate", "bridge.tools.simulate", "publish simulated three-phase meter readings"),
     ("demo", "bridge.tools.demo", "run mosquitto, the stub, the simulator and the bridge together"),
     ("dlq", "bridge.spool.dlq", "list, show, replay or purge dead letters"),
+    ("session", "bridge.intake.drain", "drain a gone replica's MQTT session into this spool"),
+    ("spool", "bridge.spool.drain", "push another replica's spool file to the cloud"),
 )
 
 

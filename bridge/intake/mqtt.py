@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge.config import MqttProtocol, MqttSettings
+from bridge.config import MqttProtocol, MqttSettings, TlsSettings
 from bridge.health import Health
 from bridge.intake.packets import PUBLISH, MalformedPacket, fixed_header, parse_publish, pubacks
 from bridge.logs import Throttled
@@ -41,7 +41,7 @@ from bridge.push.retry import backoff
 from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
-__all__ = ["AckToken", "MqttSource", "Received"]
+__all__ = ["AckToken", "MqttSource", "Received", "broker_password", "tls_context"]
 
 log = logging.getLogger("bridge.mqtt")
 
@@ -63,6 +63,31 @@ _SHORT_CONNECTION_SECS = 10.0
 """A connection the broker closes sooner than this after CONNACK counts as a flap."""
 _FLAP_WINDOW_SECS = 60.0
 _FLAPS_NOT_READY = 3
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The TLS context for the broker connection (``mqtt.tls``)."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    if tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def broker_password(settings: MqttSettings) -> str | None:
+    """The broker password (``password_file`` read now, else ``password``).
+
+    Raises:
+        OSError: ``password_file`` cannot be read.
+    """
+    if settings.password_file is not None:
+        return settings.password_file.read_text(encoding="utf-8").strip()
+    if settings.password is not None:
+        return settings.password.get_secret_value()
+    return None
 
 
 class _BufferedClient(paho.Client):
@@ -359,14 +384,10 @@ class MqttSource:
         s = self._settings
         self._disconnected.clear()
         self._connack = self._loop.create_future()
-        password = None
-        if s.password_file is not None:
-            try:
-                password = s.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                return f"cannot read mqtt.password_file: {exc.strerror}"
-        elif s.password is not None:
-            password = s.password.get_secret_value()
+        try:
+            password = broker_password(s)
+        except OSError as exc:
+            return f"cannot read mqtt.password_file: {exc.strerror}"
         if s.username is not None:
             self._client.username_pw_set(s.username, password)
         kwargs: dict[str, Any] = {}
@@ -416,16 +437,7 @@ class MqttSource:
         client.connect_timeout = 10.0
         client.max_inflight_messages_set(100)
         if s.tls.enabled:
-            ctx = ssl.create_default_context(cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if s.tls.cert_file is not None:
-                ctx.load_cert_chain(
-                    str(s.tls.cert_file), str(s.tls.key_file) if s.tls.key_file else None
-                )
-            if s.tls.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(ctx)
+            client.tls_set_context(tls_context(s.tls))
             client.tls_insecure_set(s.tls.insecure)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
