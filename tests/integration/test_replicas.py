@@ -7,11 +7,17 @@ received against what was published: nothing lost, duplicates counted and explai
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bridge.testing import TEST_ENV
 from tests.support import (
     START_TS,
     BridgeFactory,
@@ -19,6 +25,7 @@ from tests.support import (
     Mosquitto,
     Publisher,
     StubProcess,
+    free_port,
     seq_counts,
     telemetry_payload,
     wait_until,
@@ -82,3 +89,89 @@ def test_replicas_share_the_load_and_a_graceful_stop_leaves_the_group(
         sorted(set(range(4_000)) - set(counts)),
         sum(c - 1 for c in counts.values()),
     )
+
+
+def cli(*args: str) -> tuple[int, dict[str, Any], str]:
+    """Run ``energy-bridge ARGS``; returns the exit status, the JSON report and stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **TEST_ENV},
+        timeout=120,
+        check=False,
+    )
+    report = json.loads(result.stdout) if result.stdout.strip() else {}
+    return result.returncode, report, result.stderr
+
+
+def spool_of(bridge: BridgeProcess) -> Path:
+    """The spool file of a bridge made by the ``bridge_factory`` fixture."""
+    return bridge.config_path.parent / "spool.db"
+
+
+def lost_and_duplicated(stub: StubProcess, total: int) -> tuple[list[int], int]:
+    """Seqs 0..total-1 the stub never accepted, and how many it accepted more than once."""
+    counts = seq_counts(stub.received())
+    return sorted(set(range(total)) - set(counts)), sum(c - 1 for c in counts.values())
+
+
+def test_session_drain_takes_a_killed_replicas_share_and_ends_its_session(
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
+) -> None:
+    """Test that `session drain` moves what the broker queued for a killed replica into this
+    bridge's spool (delivered from there) and ends that session, so it gets no more share."""
+    a = replica(bridge_factory, "eb-a")
+    b = replica(bridge_factory, "eb-b")
+    b.kill()  # its session stays, and keeps receiving its share (queued)
+    with Publisher(mosquitto.host, mosquitto.port) as pub:
+        pub.publish_many(readings(0, 1_000, 10))
+        wait_until(lambda: received(a) >= 400, 30, message="a's share")
+        assert received(a) < 1_000  # the rest waits in b's session
+
+        refused = cli("session", "drain", "--config", str(a.config_path), "--client-id", "eb-a")
+        assert 2 == refused[0]
+        assert "this bridge's own client id" in refused[2]
+
+        status, report, err = cli(
+            "session", "drain", "--config", str(a.config_path), "--client-id", "eb-b"
+        )
+        assert 0 == status, err
+        assert (True, True) == (report["session_present"], report["session_ended"])
+        assert 1_000 == received(a) + report["messages"]
+        wait_until(lambda: stub.stats()["entries_accepted"] >= 1_000, 30, message="all 1,000")
+        # No session, no share: everything published now goes to a.
+        pub.publish_many(readings(1_000, 500, 10))
+        wait_until(lambda: stub.stats()["entries_accepted"] >= 1_500, 30, message="all 1,500")
+    assert ([], 0) == lost_and_duplicated(stub, 1_500)
+
+
+def test_spool_drain_pushes_a_stopped_replicas_spool_and_refuses_a_live_one(
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
+) -> None:
+    """Test that `spool drain` refuses the spool of a running bridge, and delivers every
+    reading of a stopped replica's spool, deleting what was delivered."""
+    a = replica(bridge_factory, "eb-a")
+    dead_cloud = f"http://127.0.0.1:{free_port()}"
+    b = replica(bridge_factory, "eb-b", cloud={"endpoint": dead_cloud})
+    with Publisher(mosquitto.host, mosquitto.port) as pub:
+        pub.publish_many(readings(0, 1_000, 10))
+    wait_until(lambda: b.metric("bridge_spool_readings") > 0, 30, message="b spools")
+    wait_until(lambda: received(a) + received(b) >= 1_000, 30, message="all received")
+    held = int(b.metric("bridge_readings_accepted_total"))
+
+    status, _, err = cli(
+        "spool", "drain", "--config", str(a.config_path), "--path", str(spool_of(b))
+    )
+    assert 1 == status
+    assert "is in use by energy-bridge pid" in err
+    assert "drain only the spool of a replica that is stopped" in err
+
+    assert 0 == b.terminate()
+    status, report, err = cli(
+        "spool", "drain", "--config", str(a.config_path), "--path", str(spool_of(b))
+    )
+    assert 0 == status, err
+    assert (held, held, 0) == (report["readings_before"], report["delivered"], report["left"])
+    wait_until(lambda: stub.stats()["entries_accepted"] >= 1_000, 30, message="all 1,000")
+    assert ([], 0) == lost_and_duplicated(stub, 1_000)
