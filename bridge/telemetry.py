@@ -46,6 +46,8 @@ class Metrics:
             " it does not share)",
             registry=r,
         )
+        # Known labels from the start (the app fills them in): dashboards and rules join on them.
+        self.replica_info.info({"client_id": "", "hostname": "", "share_group": ""})
 
         # Intake
         self.messages_received = Counter(
