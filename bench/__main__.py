@@ -37,6 +37,7 @@ _SUMMED = ("lost", "duplicated")
 _DIGITS = {
     "ratio_bridge_to_bare": 3,
     "bridge_cpu_s_per_100k": 2,
+    "bridges_cpu_s_per_100k": 2,
     "stub_cpu_s_per_100k": 2,
     "broker_cpu_s_per_100k": 2,
     "startup_s": 2,
