@@ -12,10 +12,12 @@ Stages and the data between them::
                                                       +--delete / dead-letter--> SpoolThread
 
 Every stage has the same lifecycle (:mod:`bridge.stage`): built from the cloud end back to the
-broker, run together, stopped from the broker end on. Shutdown (SIGTERM/SIGINT): stop reading
-MQTT -> commit and ack what was received -> disconnect -> close open batches -> let queued and
-in-flight pushes finish within ``shutdown_grace_secs`` -> commit completions -> close the spool
--> stop serving health. Whatever did not reach the cloud stays in the spool for the next start.
+broker, run together, stopped from the broker end on. Shutdown (SIGTERM/SIGINT): with
+``mqtt.share_group``, leave the group first (unsubscribe, take in what the broker had assigned)
+-> stop reading MQTT -> commit and ack what was received -> disconnect -> close open batches
+-> let queued and in-flight pushes finish within ``shutdown_grace_secs`` -> commit completions
+-> close the spool -> stop serving health. Whatever did not reach the cloud stays in the spool
+for the next start.
 """
 
 from __future__ import annotations
