@@ -155,7 +155,7 @@ def test_spool_drain_pushes_a_stopped_replicas_spool_and_refuses_a_live_one(
     reading of a stopped replica's spool, deleting what was delivered."""
     a = replica(bridge_factory, "eb-a")
     dead_cloud = f"http://127.0.0.1:{free_port()}"
-    b = replica(bridge_factory, "eb-b", cloud={"endpoint": dead_cloud})
+    b = replica(bridge_factory, "eb-b", cloud={"endpoint": dead_cloud}, shutdown_grace_secs=2)
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many(readings(0, 1_000, 10))
     wait_until(lambda: b.metric("bridge_spool_readings") > 0, 30, message="b spools")
