@@ -322,3 +322,29 @@ def test_three_replicas_one_stopped_for_good_with_its_cloud_down_is_drained(
     )
     assert [] == missing
     assert 0 == duplicates
+
+
+def test_session_drain_of_an_unknown_client_id_reports_no_session(
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
+) -> None:
+    """Test that draining a client id the broker has no session for takes nothing, says so
+    (session_present false) and leaves no session behind."""
+    a = replica(bridge_factory, "eb-a")
+    status, report, err = cli(
+        "session",
+        "drain",
+        "--config",
+        str(a.config_path),
+        "--client-id",
+        "eb-never",
+        "--quiet-secs",
+        "0.5",
+    )
+    assert 0 == status, err
+    assert {"session_present": False, "messages": 0, "session_ended": True} == {
+        k: report[k] for k in ("session_present", "messages", "session_ended")
+    }
+    with Publisher(mosquitto.host, mosquitto.port) as pub:
+        pub.publish_many(readings(0, 100, 10))
+    wait_until(lambda: stub.stats()["entries_accepted"] >= 100, 30, message="all to a")
+    assert 100 == received(a)
