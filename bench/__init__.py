@@ -9,7 +9,9 @@ far faster than the bridge) and prints one JSON line per scenario:
   when the bridge starts; the drain is timed;
 * ``spool``: the spool already holds ``--spool-readings`` readings and the cloud is up;
 * ``fixed_rate``: published at half the live maximum; the latency percentiles are the point;
-* ``slow_cloud``: like ``live``, the cloud answering after 200 ms.
+* ``slow_cloud``: like ``live``, the cloud answering after 200 ms;
+* ``replicas`` (only when named: ``--scenarios replicas --replicas 1,2,3``): like ``live`` with
+  N bridges in one share group (``mqtt.share_group``), one line per N with each one's share.
 
 The same load also goes through a bare paho subscriber that only counts (:mod:`bench.bare`),
 in the same repetition, and ``ratio_bridge_to_bare`` relates the two. Results and how to read

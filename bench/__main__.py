@@ -31,10 +31,13 @@ from bench.profile import top_functions
 from bench.scenarios import Options, Scenarios
 
 SCENARIOS = ("live", "backlog", "spool", "fixed_rate", "slow_cloud")
+ON_REQUEST = ("replicas",)
+"""Scenarios run only when named in ``--scenarios`` (``replicas``: one line per ``--replicas``)."""
 _SUMMED = ("lost", "duplicated")
 _DIGITS = {
     "ratio_bridge_to_bare": 3,
     "bridge_cpu_s_per_100k": 2,
+    "bridges_cpu_s_per_100k": 2,
     "stub_cpu_s_per_100k": 2,
     "broker_cpu_s_per_100k": 2,
     "startup_s": 2,
@@ -57,7 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+        help=f"comma-separated subset of {','.join(SCENARIOS + ON_REQUEST)}"
+        f" (default: {','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--replicas",
+        default="1,2,3",
+        help="replicas scenario: bridges in one share group, one line per count"
+        " (default %(default)s)",
     )
     parser.add_argument(
         "--quick",
@@ -144,6 +154,8 @@ def _combine(name: str, runs: list[dict[str, Any]], extra: dict[str, Any]) -> di
         values = [run.get(key) for run in runs]
         if key in _SUMMED:
             line[key] = sum(v or 0 for v in values)
+        elif isinstance(values[0], list):
+            line[key] = values  # one list per repetition (the replicas' shares)
         elif isinstance(values[0], dict):
             line[key] = {sub: _median([v.get(sub) for v in values if v]) for sub in values[0]}
         else:
@@ -177,6 +189,8 @@ def _machine() -> dict[str, Any]:
             "mosquitto": mosquitto,
             "kernel": platform.release(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            # Other work on the machine (a shared box): the 1/5/15-minute load at the end.
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
         }
     }
 
@@ -240,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: sizes, --repeat and --connections must be at least 1", file=sys.stderr)
         return 2
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(SCENARIOS))
+    unknown = sorted(set(names) - set(SCENARIOS + ON_REQUEST))
     if unknown:
         print(f"bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -278,9 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     code = _bridge_code()
     try:
-        for name in sorted(names, key=SCENARIOS.index):
+        for name in sorted(names, key=(SCENARIOS + ON_REQUEST).index):
             extra = dict(common)
             run: Callable[[], dict[str, Any]]
+            if name == "replicas":
+                for count in [int(n) for n in args.replicas.split(",") if n.strip()]:
+                    runs = [bench.replicas(count) for _ in range(args.repeat)]
+                    line = _combine(name, runs, {**extra, "replicas": count})
+                    failed |= bool(line.get("lost") or line.get("duplicated"))
+                    _emit(line)
+                continue
             if name == "fixed_rate":
                 rate = args.rate
                 if rate is None:

@@ -193,17 +193,23 @@ class Scenarios:
         ).start()
 
     def _bridge(
-        self, rig: _Rig, *, spool_path: Path | None = None, **overrides: Any
+        self,
+        rig: _Rig,
+        *,
+        spool_path: Path | None = None,
+        workdir: Path | None = None,
+        **overrides: Any,
     ) -> BridgeProcess:
         assert rig.mosquitto is not None
         assert rig.stub is not None
         options = self.options
+        workdir = workdir or rig.workdir
         sections: dict[str, Any] = {
             "mqtt": {"client_id": "bench-bridge", "protocol": options.protocol},
             "cloud": {"max_in_flight": options.max_in_flight},
             "batch": {"max_devices": 500, "linger_secs": options.linger_secs},
             "spool": {
-                "path": str(spool_path or rig.workdir / "spool.db"),
+                "path": str(spool_path or workdir / "spool.db"),
                 "synchronous": options.synchronous,
                 "max_bytes": 1 << 40,
             },
@@ -211,13 +217,13 @@ class Scenarios:
         }
         sections = deep_merge(deep_merge(sections, options.bridge_overrides), overrides)
         config = write_bridge_config(
-            rig.workdir,
+            workdir,
             mqtt_port=rig.mosquitto.port,
             cloud_url=rig.stub.url,
             http_port=free_port(),
             **sections,
         )
-        return BridgeProcess(config, workdir=rig.workdir)
+        return BridgeProcess(config, workdir=workdir)
 
     @staticmethod
     def _start_ready(bridge: BridgeProcess, timeout: float = 60.0) -> tuple[float, float]:
@@ -470,5 +476,51 @@ class Scenarios:
             **figures,
             "lost": max(0, workload.readings - accepted_once),
             "duplicated": stats["duplicates"],
+            "requests": stats["requests"],
+        }
+
+    def replicas(self, count: int) -> dict[str, Any]:
+        """``count`` bridges in one share group (``mqtt.share_group``) on one broker, readings
+        published flat out; readings/s to the cloud, and each replica's share."""
+        workload = self._workload()
+        rig = _Rig(self._dir(f"replicas-{count}"))
+        bridges: list[BridgeProcess] = []
+        try:
+            rig.mosquitto = self._mosquitto(rig.workdir)
+            rig.stub = BenchStub(rig.workdir).start()
+            for index in range(count):
+                bridge = self._bridge(
+                    rig,
+                    workdir=rig.workdir / f"replica-{index}",
+                    mqtt={"client_id": f"bench-replica-{index}", "share_group": "bench"},
+                )
+                bridges.append(bridge)
+                self._start_ready(bridge)
+            pids = [b.pid for b in bridges if b.pid is not None]
+            others = [p for p in (rig.stub.pid, rig.mosquitto.pid) if p is not None]
+            cpu_before = [cpu_seconds(p) for p in pids + others]
+            published = self._publish(rig.mosquitto.port, workload)
+            self._wait_accepted(rig.stub, workload.readings, bridges[0])
+            cpu = [cpu_seconds(p) - b for p, b in zip(pids + others, cpu_before, strict=True)]
+            shares = [int(b.metric("bridge_messages_received_total")) for b in bridges]
+            stats = self._settled_stats(rig.stub)
+            account = self._accounting(workload, published, rig.stub)
+        finally:
+            for bridge in bridges:
+                with contextlib.suppress(TimeoutError):
+                    bridge.terminate(30)
+                bridge.kill()
+            rig.close()
+        per_100k = 100_000 / workload.readings
+        return {
+            "readings_per_s": workload.readings / (account["last_accepted"] - published.first_send),
+            "publish_rate": published.rate,
+            "shares": shares,
+            "latency_ms": account["latency_ms"],
+            "bridges_cpu_s_per_100k": sum(cpu[:count]) * per_100k,
+            "stub_cpu_s_per_100k": cpu[count] * per_100k,
+            "broker_cpu_s_per_100k": cpu[-1] * per_100k,
+            "lost": account["lost"],
+            "duplicated": max(account["duplicated"], stats["duplicates"]),
             "requests": stats["requests"],
         }

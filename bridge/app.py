@@ -12,10 +12,12 @@ Stages and the data between them::
                                                       +--delete / dead-letter--> SpoolThread
 
 Every stage has the same lifecycle (:mod:`bridge.stage`): built from the cloud end back to the
-broker, run together, stopped from the broker end on. Shutdown (SIGTERM/SIGINT): stop reading
-MQTT -> commit and ack what was received -> disconnect -> close open batches -> let queued and
-in-flight pushes finish within ``shutdown_grace_secs`` -> commit completions -> close the spool
--> stop serving health. Whatever did not reach the cloud stays in the spool for the next start.
+broker, run together, stopped from the broker end on. Shutdown (SIGTERM/SIGINT): with
+``mqtt.share_group``, leave the group first (unsubscribe, take in what the broker had assigned)
+-> stop reading MQTT -> commit and ack what was received -> disconnect -> close open batches
+-> let queued and in-flight pushes finish within ``shutdown_grace_secs`` -> commit completions
+-> close the spool -> stop serving health. Whatever did not reach the cloud stays in the spool
+for the next start.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
-from bridge.config import Settings
+from bridge.config import Settings, per_point_warning
 from bridge.credentials import CredentialsProvider
 from bridge.health import Health, HealthServer
 from bridge.intake.ingest import Ingest
@@ -74,6 +77,12 @@ class App:
         self.metrics = Metrics()
         self.health = Health(self.metrics)
         self.credentials = CredentialsProvider(settings.cloud.credentials)
+        self.identity = {
+            "client_id": settings.mqtt.client_id,
+            "hostname": socket.gethostname(),
+            "share_group": settings.mqtt.share_group or "",
+        }
+        self.metrics.replica_info.info(self.identity)
         self._stop = asyncio.Event()
         self._pusher: Pusher | None = None
 
@@ -117,7 +126,14 @@ class App:
                 await self._stop.wait()
                 log.info("shutting down", extra={"grace_secs": s.shutdown_grace_secs})
                 deadline = time.monotonic() + s.shutdown_grace_secs
-                # Stop reading first, so the source's inbox is all ingest has left to commit.
+                if s.mqtt.share_group is not None:
+                    # A shared member that disconnects keeps receiving its share, queued in
+                    # its session (mosquitto): leave the group first, and take in what the
+                    # broker had already assigned to us, within half the grace period.
+                    await pipeline.source.leave_share_group(
+                        time.monotonic() + max(1.0, s.shutdown_grace_secs / 2)
+                    )
+                # Stop reading, so the source's inbox is all ingest has left to commit.
                 pipeline.source.pause()
                 for stage in pipeline.stop_order:
                     # Ingest gets at least a second to commit and ack what already arrived.
@@ -136,7 +152,11 @@ class App:
             dead_letter_max_bytes=s.spool.dead_letter_max_bytes,
         )
         server = HealthServer(
-            host=s.http.host, port=s.http.port, health=self.health, metrics=self.metrics
+            host=s.http.host,
+            port=s.http.port,
+            health=self.health,
+            metrics=self.metrics,
+            identity=self.identity,
         )
         await server.start()
         spool = SpoolThread(store, self.metrics, self.health)
@@ -227,5 +247,9 @@ class App:
                 "endpoint": s.cloud.endpoint,
                 "spool": str(s.spool.path),
                 "routes": [r.topic for r in s.routes],
+                "client_id": s.mqtt.client_id,
+                "share_group": s.mqtt.share_group,
             },
         )
+        if s.mqtt.share_group is not None and (warning := per_point_warning(s)):
+            log.warning(warning)

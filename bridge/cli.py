@@ -1,4 +1,4 @@
-"""The ``energy-bridge`` command: run, check, cloud-stub, simulate, demo."""
+"""The ``energy-bridge`` command: run, check, cloud-stub, simulate, demo, dlq, session, spool."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridge.config import has_daylight_saving  # noqa: PLC0415
+    from bridge.config import has_daylight_saving, per_point_warning  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
     from bridge.intake.mapping import Mapper  # noqa: PLC0415
 
@@ -68,6 +68,8 @@ def _check(args: argparse.Namespace) -> int:
             " use a zone without DST, e.g. Asia/Shanghai (UTC+8, most likely the API's own)"
             " or UTC"
         )
+    if (shared := per_point_warning(settings)) is not None:
+        warnings.append(shared)
     if settings.cloud.endpoint == "http://127.0.0.1:8080":
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
     creds = CredentialsProvider(settings.cloud.credentials)
@@ -121,6 +123,8 @@ _DELEGATED = (
     ("simulate", "bridge.tools.simulate", "publish simulated three-phase meter readings"),
     ("demo", "bridge.tools.demo", "run mosquitto, the stub, the simulator and the bridge together"),
     ("dlq", "bridge.spool.dlq", "list, show, replay or purge dead letters"),
+    ("session", "bridge.intake.drain", "drain a gone replica's MQTT session into this spool"),
+    ("spool", "bridge.spool.drain", "push another replica's spool file to the cloud"),
 )
 
 

@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -44,6 +45,7 @@ from bridge.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "HOSTNAME_PLACEHOLDER",
     "TOOL_VARIABLES",
     "BatchSettings",
     "CloudSettings",
@@ -60,6 +62,7 @@ __all__ = [
     "check_environment",
     "has_daylight_saving",
     "load_settings",
+    "per_point_warning",
 ]
 
 ENV_PREFIX = "ENERGY_BRIDGE_"
@@ -70,6 +73,8 @@ cloud stub's keys): the bridge ignores them instead of refusing them as unknown.
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
 _KNOWN_FIELDS = {"deviceType", "deviceId", "point"}
+HOSTNAME_PLACEHOLDER = "{hostname}"
+"""In ``mqtt.client_id``, replaced by this machine's host name (a pod's name on Kubernetes)."""
 
 
 class _Section(BaseModel):
@@ -106,7 +111,8 @@ class MqttSettings(_Section):
     port: int = Field(default=1883, ge=1, le=65535)
     """Broker port."""
     client_id: str = Field(default="energy-bridge", min_length=1, max_length=128)
-    """Fixed client id: the broker keeps the session (and unacknowledged messages) under it."""
+    """Fixed client id: the broker keeps the session (and unacknowledged messages) under it.
+    ``{hostname}`` in it is replaced by the host name (the pod name in a StatefulSet)."""
     protocol: MqttProtocol = MqttProtocol.V5
     """``v5`` (recommended) or ``v311``."""
     username: str | None = None
@@ -129,6 +135,44 @@ class MqttSettings(_Section):
     """Larger payloads are rejected; the dead letter keeps their first KiB as evidence."""
     tls: TlsSettings = TlsSettings()
     """TLS options."""
+    share_group: str | None = None
+    """Share the load with other replicas through the broker: every route is subscribed as
+    ``$share/<share_group>/<filter>`` (MQTT v5). Each replica needs its own ``client_id``
+    (``{hostname}`` in it helps) and its own spool."""
+
+    @field_validator("client_id")
+    @classmethod
+    def _expand_client_id(cls, value: str) -> str:
+        # A StatefulSet pod's host name is its pod name: one setting, a stable id per replica.
+        expanded = value.replace(HOSTNAME_PLACEHOLDER, socket.gethostname())
+        if len(expanded) > 128:
+            raise ValueError(
+                f"is {len(expanded)} characters once {{hostname}} is replaced; 128 at most"
+            )
+        return expanded
+
+    @field_validator("share_group")
+    @classmethod
+    def _check_share_group(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#")):
+            raise ValueError("must be a non-empty name without '/', '+' or '#'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_shared_protocol(self) -> MqttSettings:
+        if self.share_group is not None and self.protocol is not MqttProtocol.V5:
+            raise ValueError(
+                "mqtt.share_group needs mqtt.protocol v5: the bridge ends a drained replica's"
+                " session and bounds in-flight messages with v5 properties"
+            )
+        return self
+
+    def shared(self, topic_filter: str) -> str:
+        """``topic_filter`` as this replica subscribes it: ``$share/<group>/<filter>`` when
+        ``share_group`` is set, else unchanged."""
+        if self.share_group is None:
+            return topic_filter
+        return f"$share/{self.share_group}/{topic_filter}"
 
 
 class PayloadFormat(StrEnum):
@@ -443,6 +487,29 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+
+def per_point_warning(settings: Settings) -> str | None:
+    """What ``mqtt.share_group`` breaks in these routes, ``None`` when nothing.
+
+    A per-point route (``format: value``, a ``{point}`` level) sends one device's points in
+    separate messages; shared among replicas they land on different replicas, each of which
+    pushes its part as a separate partial entry for the same device and time.
+    """
+    if settings.mqtt.share_group is None:
+        return None
+    per_point = [
+        r.topic for r in settings.routes if r.format is PayloadFormat.VALUE or "{point}" in r.topic
+    ]
+    if not per_point:
+        return None
+    return (
+        f"mqtt.share_group with per-point route(s) {per_point}: one device's points can land on"
+        " different replicas and reach the cloud as separate partial entries for the same"
+        " recordTime; make the broker keep a topic's messages on one member (EMQX:"
+        " shared_subscription_strategy hash_topic or hash_clientid; mosquitto and HiveMQ"
+        " have no such setting) or publish whole readings"
+    )
 
 
 def has_daylight_saving(zone: str, *, around: datetime | None = None) -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -65,7 +66,18 @@ class HealthServer:
     serves and ticks the liveness clock once a second, :meth:`stop` stops serving.
     """
 
-    def __init__(self, *, host: str, port: int, health: Health, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        health: Health,
+        metrics: Metrics,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
+        # Which replica answers (client id, host name, share group): several stand behind
+        # one Service, and /readyz alone should tell which one is not ready.
+        self._identity = dict(identity or {})
         self._host = host
         self._port = port
         self._health = health
@@ -112,9 +124,12 @@ class HealthServer:
         )
 
     async def _readyz(self, _request: web.Request) -> web.Response:
+        replica = {"replica": self._identity} if self._identity else {}
         if self._health.ready:
-            return web.json_response({"ready": True})
-        return web.json_response({"ready": False, "problems": self._health.problems}, status=503)
+            return web.json_response({"ready": True, **replica})
+        return web.json_response(
+            {"ready": False, "problems": self._health.problems, **replica}, status=503
+        )
 
     async def _metrics_view(self, _request: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self._metrics.registry)

@@ -117,6 +117,14 @@ class Metrics:
         PlatformCollector(registry=r)
         self.build_info = Info("bridge_build", "energy-bridge build information", registry=r)
         self.build_info.info({"version": __version__})
+        self.replica_info = Info(
+            "bridge_replica",
+            "Which replica this is: its MQTT client id, host name and share group (empty when"
+            " it does not share)",
+            registry=r,
+        )
+        # Known labels from the start (the app fills them in): dashboards and rules join on them.
+        self.replica_info.info({"client_id": "", "hostname": "", "share_group": ""})
 
         # Intake
         self.messages_received = Counter(

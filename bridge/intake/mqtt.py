@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge.config import MqttProtocol, MqttSettings
+from bridge.config import MqttProtocol, MqttSettings, TlsSettings
 from bridge.health import Health
 from bridge.intake.packets import PUBLISH, MalformedPacket, fixed_header, parse_publish, pubacks
 from bridge.logs import Throttled
@@ -41,7 +41,7 @@ from bridge.push.retry import backoff
 from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
-__all__ = ["AckToken", "MqttSource", "Received"]
+__all__ = ["AckToken", "MqttSource", "Received", "broker_password", "tls_context"]
 
 log = logging.getLogger("bridge.mqtt")
 
@@ -63,6 +63,31 @@ _SHORT_CONNECTION_SECS = 10.0
 """A connection the broker closes sooner than this after CONNACK counts as a flap."""
 _FLAP_WINDOW_SECS = 60.0
 _FLAPS_NOT_READY = 3
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The TLS context for the broker connection (``mqtt.tls``)."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    if tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def broker_password(settings: MqttSettings) -> str | None:
+    """The broker password (``password_file`` read now, else ``password``).
+
+    Raises:
+        OSError: ``password_file`` cannot be read.
+    """
+    if settings.password_file is not None:
+        return settings.password_file.read_text(encoding="utf-8").strip()
+    if settings.password is not None:
+        return settings.password.get_secret_value()
+    return None
 
 
 class _BufferedClient(paho.Client):
@@ -160,7 +185,12 @@ class MqttSource:
         health: Health,
     ) -> None:
         self._settings = settings
-        self._subscriptions = list(subscriptions)
+        # With mqtt.share_group every filter is "$share/<group>/<filter>"; the messages still
+        # carry their own topics, so nothing past the subscription changes.
+        self._subscriptions = [settings.shared(t) for t in subscriptions]
+        self._unsubscribed: asyncio.Future[None] | None = None
+        self._leaving = False
+        self._last_message_at = 0.0
         self._inbox: list[Received] = []
         self._inbox_limit = max(1_000, settings.receive_maximum)
         self._mail = asyncio.Event()
@@ -288,6 +318,45 @@ class MqttSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await misc
 
+    async def leave_share_group(self, deadline: float, *, quiet_secs: float = 0.5) -> bool:
+        """Unsubscribe every route, then keep reading until the broker has sent what it holds.
+
+        Used on a graceful stop with ``mqtt.share_group``: the broker stops assigning this
+        replica a share, and the messages it had already assigned to us (in flight and queued
+        in our session) arrive meanwhile and are committed and acknowledged as usual, so few
+        are left in the session when it disconnects. Reading ends after ``quiet_secs`` without
+        a message, or at ``deadline``. Nothing is subscribed again until the next connect.
+
+        Returns:
+            Whether the broker confirmed the unsubscribe (UNSUBACK) before ``deadline``.
+        """
+        assert self._loop is not None  # noqa: S101 - set in run()
+        if not self._session_up or not self._subscriptions:
+            return False
+        self._leaving = True
+        self._unsubscribed = self._loop.create_future()
+        result, _mid = self._client.unsubscribe(list(self._subscriptions))
+        if result != paho.MQTT_ERR_SUCCESS:
+            return False
+        confirmed = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(self._unsubscribed), max(0.0, deadline - time.monotonic())
+            )
+            confirmed = True
+        if confirmed:
+            log.info(
+                "unsubscribed from the share group", extra={"group": self._settings.share_group}
+            )
+            self._metrics.mqtt_subscriptions.set(0)
+            self._last_message_at = max(self._last_message_at, time.monotonic())
+            while time.monotonic() < deadline and self._session_up:
+                idle = time.monotonic() - self._last_message_at
+                if idle >= quiet_secs and not self._paused and not self._inbox:
+                    break
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return confirmed
+
     async def stop(self, deadline: float) -> None:
         """Disconnect cleanly (unacknowledged messages stay with the broker) and end :meth:`run`.
 
@@ -315,14 +384,10 @@ class MqttSource:
         s = self._settings
         self._disconnected.clear()
         self._connack = self._loop.create_future()
-        password = None
-        if s.password_file is not None:
-            try:
-                password = s.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                return f"cannot read mqtt.password_file: {exc.strerror}"
-        elif s.password is not None:
-            password = s.password.get_secret_value()
+        try:
+            password = broker_password(s)
+        except OSError as exc:
+            return f"cannot read mqtt.password_file: {exc.strerror}"
         if s.username is not None:
             self._client.username_pw_set(s.username, password)
         kwargs: dict[str, Any] = {}
@@ -372,20 +437,12 @@ class MqttSource:
         client.connect_timeout = 10.0
         client.max_inflight_messages_set(100)
         if s.tls.enabled:
-            ctx = ssl.create_default_context(cafile=str(s.tls.ca_file) if s.tls.ca_file else None)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if s.tls.cert_file is not None:
-                ctx.load_cert_chain(
-                    str(s.tls.cert_file), str(s.tls.key_file) if s.tls.key_file else None
-                )
-            if s.tls.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(ctx)
+            client.tls_set_context(tls_context(s.tls))
             client.tls_insecure_set(s.tls.insecure)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_paho_message
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -540,6 +597,7 @@ class MqttSource:
             resumed = self._session_present
         del buf[:pos]
         if len(inbox) > before:
+            self._last_message_at = time.monotonic()
             self._mail.set()
 
     def _on_writable(self) -> None:
@@ -575,7 +633,10 @@ class MqttSource:
         # Subscribe on every connect: a broker may have lost the session whatever
         # session-present says. Retained copies only for a subscription the broker did not
         # have (retain handling 1): on a resumed session they were seen before.
-        if self._settings.protocol is MqttProtocol.V5:
+        # After leaving the share group (stopping), a reconnect takes no new share.
+        if self._leaving:
+            pass
+        elif self._settings.protocol is MqttProtocol.V5:
             options = SubscribeOptions(qos=1, retainHandling=1)
             client.subscribe([(t, options) for t in self._subscriptions])
         else:
@@ -607,6 +668,17 @@ class MqttSource:
         self._metrics.mqtt_connected.set(1)
         self._connected.set()
         self._health.set("mqtt", self._flapping_problem())
+
+    def _on_unsubscribe(
+        self,
+        _c: paho.Client,
+        _u: object,
+        _mid: int,
+        _reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        if self._unsubscribed is not None and not self._unsubscribed.done():
+            self._unsubscribed.set_result(None)
 
     def _on_disconnect(
         self,
@@ -670,4 +742,5 @@ class MqttSource:
         )
         self._client.oversized = 0
         self._inbox.append((inbound, (self._generation, msg.mid) if msg.qos > 0 else None))
+        self._last_message_at = time.monotonic()
         self._mail.set()

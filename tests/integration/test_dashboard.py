@@ -342,3 +342,36 @@ def test_alerts_go_off_when_things_break(
     # credentials did make it grow.
     (lag,) = prometheus.query("max_over_time(bridge_spool_oldest_reading_age_seconds[1m])")
     assert 0 < float(lag["value"][1])
+
+
+def test_replica_panel_and_starved_replica_alert(
+    mosquitto: Mosquitto,
+    stub_factory: StubFactory,
+    bridge_factory: BridgeFactory,
+    prometheus_factory: PrometheusFactory,
+) -> None:
+    """Test that the per-replica load panel shows each replica by client id, and that a
+    replica connected in the share group but getting no share raises EnergyBridgeReplicaStarved
+    while the other one receives."""
+    stub = stub_factory()
+    busy = bridge_factory(cloud_url=stub.url, mqtt={"client_id": "eb-a", "share_group": "eb"})
+    idle = bridge_factory(
+        cloud_url=stub.url,
+        mqtt={"client_id": "eb-b", "share_group": "eb"},
+        # Subscribed, but to topics nobody publishes on: connected, never a message.
+        routes=[{"topic": "elsewhere/{deviceType}/{deviceId}/telemetry"}],
+    )
+    prometheus = prometheus_factory(busy.http_listen, idle.http_listen)
+    wait_until(
+        lambda: scraped(prometheus, busy) and scraped(prometheus, idle), 20, message="scrapes"
+    )
+    with trickle(mosquitto, every=0.1):
+        wait_for_alerts(prometheus, {"EnergyBridgeReplicaStarved"})
+        load = next(expr for title, expr in panel_queries() if title == "Load per replica")
+        assert {"eb-a", "eb-b"} == label_values(prometheus, load, "client_id")
+    starved = [
+        alert["labels"]["instance"]
+        for alert in prometheus.api("alerts")["alerts"]
+        if alert["labels"]["alertname"] == "EnergyBridgeReplicaStarved"
+    ]
+    assert [idle.http_listen] == starved
