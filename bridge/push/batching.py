@@ -4,8 +4,11 @@ Readings enter in spool order. Each goes to the open batch of its (deviceType, r
 window); readings of the same device at the same recordTime merge into one ``devices[]`` entry
 (later values win per point). A batch is closed when it reaches ``max_devices`` entries or about
 ``max_bytes`` of body, ``linger_secs`` after its first reading, under memory pressure, or on
-shutdown. Closing builds every entry once, from the points' JSON text each reading already
-carries (re-serialized only where readings merged); the body is those bytes joined.
+shutdown. A batch holding a reading with a ``hold_until`` (a route's ``align_secs``: partial
+messages of one device and aligned window merge into one entry) also waits until that time
+has passed, plus ``linger_secs`` for stragglers. Closing builds every entry once, from the
+points' JSON text each reading already carries (re-serialized only where readings merged);
+the body is those bytes joined.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ class _Open:
     entries: dict[tuple[str | None, str], _Entry] = field(default_factory=dict)
     size: int = 0
     readings: int = 0
+    hold_until: float = 0.0
+
+    def deadline(self, linger: float) -> float:
+        """When the batch is due: linger after its first reading, or after its hold."""
+        return max(self.opened_at, self.hold_until) + linger
 
 
 class Batcher:
@@ -125,6 +133,7 @@ class Batcher:
             entry.size += added
             batch.size += added
         batch.readings += 1
+        batch.hold_until = max(batch.hold_until, reading.hold_until)
         self.pending += 1
         out: list[Batch] = []
         if len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes:
@@ -136,14 +145,15 @@ class Batcher:
     def due(self) -> list[Batch]:
         """Close and return every batch whose linger time has passed."""
         now = self.clock()
-        expired = [k for k, b in self._open.items() if now - b.opened_at >= self.linger_secs]
+        linger = self.linger_secs
+        expired = [k for k, b in self._open.items() if now >= b.deadline(linger)]
         return [batch for key in expired for batch in self._close(key)]
 
     def next_deadline(self) -> float | None:
         """Clock time at which the next open batch becomes due, ``None`` when none is open."""
         if not self._open:
             return None
-        return min(b.opened_at for b in self._open.values()) + self.linger_secs
+        return min(b.deadline(self.linger_secs) for b in self._open.values())
 
     def flush(self) -> list[Batch]:
         """Close every open batch (shutdown, or the input ran dry during a drain)."""

@@ -719,3 +719,36 @@ def test_batching_backlog_read_back_from_the_spool_is_due_at_once() -> None:
 
     expected = [[1]]
     assert expected == [b.rids for b in batcher.due()]
+
+
+def _held(rid: int, data: dict[str, str], hold_until: float) -> SpooledReading:
+    item = _item(rid, data=data, received_at=START)
+    item.reading.hold_until = hold_until
+    return item
+
+
+def test_batching_held_readings_wait_for_their_window_and_merge_once() -> None:
+    """Test that readings with hold_until stay open until that time plus linger, merging the
+    partial messages of one device and aligned time into one entry sent once."""
+    clock = FakeClock()
+    batcher = _batcher(clock, linger_secs=1.0)
+    batcher.add(_held(1, {"Ua": "230.1"}, START + 60))
+    clock.advance(30)
+    batcher.add(_held(2, {"Ia": "1.5"}, START + 60))
+    early = batcher.due()
+    deadline = batcher.next_deadline()
+    clock.advance(31)
+    (batch,) = batcher.due()
+
+    assert ([], START + 61) == (early, deadline)
+    assert [[1, 2]] == batch.entry_rids
+    assert {"Ua": "230.1", "Ia": "1.5"} == json.loads(batch.entries[0])["data"]
+
+
+def test_batching_held_readings_are_closed_on_flush() -> None:
+    """Test that a shutdown flush closes held batches too (their rows are in the spool)."""
+    clock = FakeClock()
+    batcher = _batcher(clock)
+    batcher.add(_held(1, {"Ua": "1"}, START + 3600))
+
+    assert [[1]] == [b.rids for b in batcher.flush()]
