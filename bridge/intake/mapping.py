@@ -499,10 +499,13 @@ class _Spec:
         self.max_age = None if route.max_age_days is None else route.max_age_days * 86400
         self.receive_time_on_bad_time = route.on_bad_time is BadTime.RECEIVE_TIME
         self.skip_non_numeric = route.on_non_numeric is NonNumeric.SKIP
+        # The keys the id and the time are read under are not points (``meta.id``: ``meta``).
         skip = set(route.ignore)
         for path in (self.device_id, self.time):
-            if path is not None and path.top_key is not None:
-                skip.add(path.top_key)
+            if path is not None and not path.from_root and path.steps:
+                first = path.steps[0]
+                if isinstance(first, str):
+                    skip.add(first)
         self.skip_keys = frozenset(skip)
         self.points: tuple[tuple[str, tuple[JsonPath, ...], bool, Decimal | None, str], ...]
         self.points = ()
