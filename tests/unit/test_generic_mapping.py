@@ -4,8 +4,10 @@ scales, lenient values, time rules and aligned record times."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from bridge.config import PayloadFormat, Route, load_settings
 from bridge.errors import ConfigError, MappingError
-from bridge.intake.mapping import REASONS, Mapper
+from bridge.intake.mapping import REASONS, Mapper, _fixed_plan, _time_with_format
 from bridge.models import Reading
 
 NOW = 1_750_000_000.25  # 2025-06-15 23:06:40.25 in Asia/Shanghai
@@ -506,3 +508,38 @@ def test_generic_property_any_json_and_path_gives_readings_or_a_reason(
         assert reading.data
         assert 19 == len(reading.record_time)
         reading.data_json.decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    moment=st.datetimes(min_value=datetime(2000, 1, 2), max_value=datetime(2100, 12, 30)),
+    fmt=st.sampled_from(
+        ["%Y%m%d%H%M%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S", "%H%M%S%d%m%Y", "%Y%m%d%H%M%S%z"]
+    ),
+    mangle=st.sampled_from(["", "0", "x", "-1"]),
+)
+def test_generic_property_fixed_width_formats_read_as_strptime_does(
+    moment: datetime, fmt: str, mangle: str
+) -> None:
+    """Test that the fast reader of fixed-width digit formats agrees with strptime."""
+    tz = ZoneInfo("Asia/Shanghai")
+    text = moment.replace(tzinfo=UTC).strftime(fmt) + mangle
+    plan = _fixed_plan(fmt)
+
+    def read(use_plan: bool) -> object:
+        try:
+            return _time_with_format(text, fmt, tz, plan if use_plan else None)
+        except MappingError as exc:
+            return exc.reason
+
+    assert read(use_plan=False) == read(use_plan=True)
+
+
+def test_generic_config_scale_factor_too_large_is_refused() -> None:
+    """Test that a points scale beyond 100 digits of magnitude fails at load, naming it."""
+    route = _route(points={"P": {"path": "P", "scale": "1e-999"}})
+
+    with pytest.raises(ConfigError) as info:
+        Mapper([route], "UTC")
+
+    assert "routes[0].points.P.scale" == info.value.key
