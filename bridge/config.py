@@ -354,6 +354,17 @@ class Route(_Section):
             raise ValueError("set time (a path) or time_key, not both")
         return self
 
+    def with_defaults(self, defaults: Mapping[str, Any]) -> Route:
+        """This route with ``defaults`` for the keys the user did not set: how a preset (a
+        device family's topic, records, id, time and points) becomes a route. Keys the user
+        set win; the result is validated like any route.
+
+        Raises:
+            pydantic.ValidationError: when the merged route is not valid.
+        """
+        merged = {**defaults, **self.model_dump(include=self.model_fields_set)}
+        return Route.model_validate(merged)
+
     @property
     def generic(self) -> bool:
         """Whether the route uses any of the generic mapping keys (else a JSON payload takes

@@ -543,3 +543,29 @@ def test_generic_config_scale_factor_too_large_is_refused() -> None:
         Mapper([route], "UTC")
 
     assert "routes[0].points.P.scale" == info.value.key
+
+
+def test_generic_route_defaults_express_a_preset() -> None:
+    """Test that a preset's defaults fill the keys a user left out, and the user's keys win
+    (a route's points replace the preset's map)."""
+    preset = {
+        "topic": "tele/{deviceId}/SENSOR",
+        "time": "Time",
+        "on_non_numeric": "skip",
+        "points": {"Ua": "ENERGY.Voltage", "P": {"path": "ENERGY.Power", "scale": "0.001"}},
+    }
+    user = Route.model_validate({"device_type": "1", "points": {"Ua": "ENERGY.Voltage[0]"}})
+
+    route = user.with_defaults(preset)
+    (reading,) = Mapper([route], "UTC").map(
+        b"tele/plug-1/SENSOR",
+        b'{"Time": "2018-02-15T17:37:10", "ENERGY": {"Voltage": [227, 228], "Power": 2635}}',
+        NOW,
+    )
+
+    assert ("tele/{deviceId}/SENSOR", "1") == (route.topic, route.device_type)
+    assert ("plug-1", 1518716230, {"Ua": "227"}) == (
+        reading.device_id,
+        reading.record_ts,
+        reading.data,
+    )
