@@ -335,8 +335,13 @@ class Route(_Section):
         if value is not None:
             if not value:
                 raise ValueError("name at least one point, or leave points out")
-            if "" in value:
-                raise ValueError("a point name cannot be empty")
+            for name in value:
+                if not name or not name.isprintable():
+                    raise ValueError(f"point name {name!r} must be printable and not empty")
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"point name {name!r} is not valid Unicode") from None
         return value
 
     @model_validator(mode="after")

@@ -1037,6 +1037,11 @@ class Mapper:
             data = self._all_points(matcher, spec, record, sources)
         if not data:
             raise MappingError("no_points", "record has no data points with a value")
+        if len(data) > self._max_points:
+            raise MappingError(
+                "too_many_points",
+                f"record has {len(data)} points, more than the limit of {self._max_points}",
+            )
         if matcher.scale:
             _apply_scale(data, matcher.scale)
         ts = self._device_time(spec, spec.time.find(record, root), received_at)

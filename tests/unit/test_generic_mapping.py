@@ -199,6 +199,20 @@ def test_generic_device_id_that_is_not_a_string_or_number_is_rejected(value: str
     )
 
 
+def test_generic_too_many_points_is_rejected() -> None:
+    """Test that a record with more points than max_points is rejected, skipped keys aside."""
+    record = {f"p{i}": i for i in range(5)} | {"state": "ON"}
+    mapper = Mapper([_route(ignore=["state"])], "UTC", max_points=4)
+
+    with pytest.raises(MappingError) as info:
+        mapper.map(b"gw/g/data", json.dumps(record).encode(), NOW)
+    (reading,) = Mapper([_route(ignore=["state"])], "UTC", max_points=5).map(
+        b"gw/g/data", json.dumps(record).encode(), NOW
+    )
+
+    assert ("too_many_points", 5) == (info.value.reason, len(reading.data))
+
+
 def test_generic_device_id_too_long_is_rejected() -> None:
     """Test that an id found in the payload obeys the same length limit as a topic's."""
     assert "device_id_too_long" == _reject({"id": "x" * 129, "Ua": 1}, device_id="id").reason
@@ -414,6 +428,8 @@ def test_generic_value_route_takes_time_rules_and_align() -> None:
         ({"points": {"E": {"path": "a", "sum": ["b"]}}}, "routes[0].points.E"),
         ({"points": {"E": {"path": "a", "scale": "x"}}}, "routes[0].points.E.scale"),
         ({"points": {}}, "routes[0].points"),
+        ({"points": {"": "a"}}, "routes[0].points"),
+        ({"points": {"U\ta": "a"}}, "routes[0].points"),
         ({"records": "a b"}, "routes[0].records"),
         ({"device_id": ""}, "routes[0].device_id"),
         ({"time": "$x"}, "routes[0].time"),
