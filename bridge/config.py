@@ -42,11 +42,13 @@ from pydantic_settings import (
 )
 
 from bridge.errors import ConfigError
+from bridge.intake.paths import PathError, compile_path
 
 __all__ = [
     "ENV_PREFIX",
     "HOSTNAME_PLACEHOLDER",
     "TOOL_VARIABLES",
+    "BadTime",
     "BatchSettings",
     "CloudSettings",
     "CredentialsSettings",
@@ -54,7 +56,9 @@ __all__ = [
     "LogSettings",
     "MetricsSettings",
     "MqttSettings",
+    "NonNumeric",
     "PayloadFormat",
+    "PointSource",
     "Route",
     "Settings",
     "SpoolSettings",
@@ -184,8 +188,104 @@ class PayloadFormat(StrEnum):
     """A bare value for the one point named by ``{point}`` in the topic."""
 
 
+class NonNumeric(StrEnum):
+    """What a route without ``points`` does with a value that is not a number."""
+
+    REJECT = "reject"
+    """Dead-letter the message (``bad_value``)."""
+    SKIP = "skip"
+    """Leave the key out: strings that are not numbers, booleans, objects and arrays."""
+
+
+class BadTime(StrEnum):
+    """What a reading whose own time is implausible or unreadable gets."""
+
+    REJECT = "reject"
+    """Dead-letter the message (``bad_time``)."""
+    RECEIVE_TIME = "receive_time"
+    """Use the time the message arrived instead."""
+
+
+def _checked_path(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"a path must be a string, got a {type(value).__name__}")  # noqa: TRY004
+    try:
+        compile_path(value)
+    except PathError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _checked_decimal(value: object, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        # Not its text: a list or mapping may be huge (and str() of it slow). A ValueError,
+        # which pydantic reports with the key (a TypeError it would not).
+        raise ValueError(  # noqa: TRY004
+            f"{what} must be a finite decimal, got a {type(value).__name__}"
+        )
+    try:
+        ok = Decimal(str(value)).is_finite()
+    except InvalidOperation:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite decimal, got {value!r}")
+    # YAML numbers are accepted: the shortest text of a float is what the user typed.
+    return str(value)
+
+
+class PointSource(_Section):
+    """Where one Energy Expert point comes from: a path, or the exact sum of several; then an
+    optional exact decimal factor. Written as a bare path string for the first form."""
+
+    path: str | None = None
+    """Path of the value inside the record (``ENERGY.Power``)."""
+    sum: list[str] | None = Field(default=None, min_length=1, max_length=100)
+    """Paths whose values are added exactly; the point is left out unless all are found."""
+    scale: str | None = None
+    """Exact decimal factor applied last (``"0.001"``: W -> kW)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: object) -> object:
+        if isinstance(value, str):
+            return {"path": _checked_path(value)}
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_path(value)
+
+    @field_validator("sum")
+    @classmethod
+    def _check_sum(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for index, path in enumerate(value):
+                try:
+                    _checked_path(path)
+                except ValueError as exc:
+                    raise ValueError(f"[{index}]: {exc}") from None
+        return value
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _check_scale(cls, value: object) -> object:
+        return None if value is None else _checked_decimal(value, "scale")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PointSource:
+        if (self.path is None) == (self.sum is None):
+            raise ValueError("give exactly one of path or sum")
+        return self
+
+
 class Route(_Section):
-    """A topic template plus the way its payloads are read."""
+    """A topic template plus the way its payloads are read.
+
+    Without any of the generic mapping keys (``records``, ``device_id``, ``time``, ``points``
+    ...), a JSON payload is one flat object (or an array of them) whose every key but the time
+    is a point. A preset (``format: <name>``) is meant to be a set of defaults for these keys.
+    """
 
     topic: str = "meters/{deviceType}/{deviceId}/telemetry"
     """Topic template; ``{deviceType}``, ``{deviceId}`` and ``{point}`` each take one level."""
@@ -199,6 +299,32 @@ class Route(_Section):
     """Point renames applied before sending, e.g. ``{voltage_a: Ua}``."""
     scale: dict[str, str] = Field(default_factory=dict)
     """Exact decimal factors per point (after renames), e.g. ``{Ep_imp: "0.001"}`` for Wh->kWh."""
+    records: str | None = None
+    """Path to the array of records (or one record object) in the payload; default: the
+    payload itself (an array is several records)."""
+    device_id: str | None = None
+    """Path of the record's own device id (pushed as it stands); else the topic's
+    ``{deviceId}``. A route with it needs no ``{deviceId}`` level."""
+    time: str | None = None
+    """Path of the record's time (``$.`` for the payload's); default: the key ``time_key``."""
+    time_format: str | None = None
+    """``strptime`` format for times that are not epoch / ISO 8601 / ``Y-m-d H:M:S``
+    (``"%Y%m%d%H%M%S"``); tried first. Naive times are read in ``timezone``."""
+    align_secs: int | None = Field(default=None, ge=1, le=86400)
+    """Floor recordTime to a multiple of this many seconds; readings of one device in one
+    aligned window merge into one entry (held until the window has closed)."""
+    points: dict[str, PointSource] | None = None
+    """Exactly these Energy Expert points, each from a path (or a sum, with a scale); values
+    that are missing, null or not numbers leave their point out."""
+    ignore: list[str] = Field(default_factory=list)
+    """Without ``points``: record keys that are not points (skipped, not rejected)."""
+    on_non_numeric: NonNumeric = NonNumeric.REJECT
+    """Without ``points``: ``reject`` a message with a non-numeric value, or ``skip`` the key."""
+    on_bad_time: BadTime = BadTime.REJECT
+    """A record time outside 2000-2100, older than ``max_age_days`` or unreadable: ``reject``
+    (dead-letter, counted) or use the ``receive_time``."""
+    max_age_days: float | None = Field(default=None, gt=0)
+    """Record times older than this (before the receive time) are bad times."""
 
     @field_validator("topic")
     @classmethod
@@ -223,30 +349,83 @@ class Route(_Section):
     def _check_scale(cls, value: object) -> object:
         if not isinstance(value, dict):
             return value  # the type check reports it
-        for point, factor in value.items():
-            if isinstance(factor, bool) or not isinstance(factor, str | int | float | Decimal):
-                # Not its text: a list or mapping may be huge (and str() of it slow). A
-                # ValueError, which pydantic reports with the key (a TypeError it would not).
-                raise ValueError(  # noqa: TRY004
-                    f"scale for {point!r} must be a finite decimal, got a {type(factor).__name__}"
-                )
-            try:
-                ok = Decimal(str(factor)).is_finite()
-            except InvalidOperation:
-                ok = False
-            if not ok:
-                raise ValueError(f"scale for {point!r} must be a finite decimal, got {factor!r}")
-        # YAML numbers are accepted: the shortest text of a float is what the user typed.
-        return {k: str(v) for k, v in value.items()}
+        return {k: _checked_decimal(v, f"scale for {k!r}") for k, v in value.items()}
+
+    @field_validator("records", "device_id", "time")
+    @classmethod
+    def _check_paths(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_path(value)
+
+    @field_validator("time_format")
+    @classmethod
+    def _check_time_format(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        sample = datetime(2021, 9, 8, 18, 40, tzinfo=UTC)
+        try:
+            back = datetime.strptime(sample.strftime(value), value)
+        except ValueError:
+            back = None
+        if back is None or back.replace(tzinfo=None) != sample.replace(tzinfo=None):
+            raise ValueError(
+                "must be a strptime format naming the year, month, day, hour and minute,"
+                " e.g. '%Y%m%d%H%M%S'"
+            )
+        return value
+
+    @field_validator("points")
+    @classmethod
+    def _check_points(cls, value: dict[str, PointSource] | None) -> object:
+        if value is not None:
+            if not value:
+                raise ValueError("name at least one point, or leave points out")
+            for name in value:
+                if not name or not name.isprintable():
+                    raise ValueError(f"point name {name!r} must be printable and not empty")
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"point name {name!r} is not valid Unicode") from None
+        return value
 
     @model_validator(mode="after")
     def _check_fields(self) -> Route:
         names = set(_PLACEHOLDER.findall(self.topic))
         if "deviceType" not in names and self.device_type is None:
             raise ValueError("topic has no {deviceType}: set device_type")
-        if self.format is PayloadFormat.VALUE and "point" not in names:
-            raise ValueError("format 'value' needs a {point} level in the topic")
+        if self.format is PayloadFormat.VALUE:
+            if "point" not in names:
+                raise ValueError("format 'value' needs a {point} level in the topic")
+            for key in ("records", "device_id", "points"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} does not apply to format 'value' (one value a topic)")
+        if self.time is not None and "time_key" in self.model_fields_set:
+            raise ValueError("set time (a path) or time_key, not both")
         return self
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> Route:
+        """This route with ``defaults`` for the keys the user did not set: how a preset (a
+        device family's topic, records, id, time and points) becomes a route. Keys the user
+        set win; the result is validated like any route.
+
+        Raises:
+            pydantic.ValidationError: when the merged route is not valid.
+        """
+        merged = {**defaults, **self.model_dump(include=self.model_fields_set)}
+        return Route.model_validate(merged)
+
+    @property
+    def generic(self) -> bool:
+        """Whether the route uses any of the generic mapping keys (else a JSON payload takes
+        the flat fast path)."""
+        optional = (self.records, self.device_id, self.time, self.time_format, self.align_secs,
+                    self.points, self.max_age_days)  # fmt: skip
+        return (
+            any(key is not None for key in optional)
+            or bool(self.ignore)
+            or self.on_non_numeric is NonNumeric.SKIP
+            or self.on_bad_time is BadTime.RECEIVE_TIME
+        )
 
     @property
     def subscription(self) -> str:

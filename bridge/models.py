@@ -82,10 +82,13 @@ class Reading:
         record_ts: the reading's time, epoch seconds (UTC).
         record_time: ``record_ts`` in the configured timezone as ``YYYY-MM-DD HH:MM:SS``.
         received_at: when the message carrying it arrived, epoch seconds.
+        hold_until: wall-clock time before which the batcher keeps the reading's entry open
+            for more readings of its aligned window (``align_secs``); 0 for none. Not stored
+            in the spool: a reading read back is not held.
     """
 
-    __slots__ = ("_data", "_json", "device_id", "device_type", "received_at", "record_time",
-                 "record_ts")  # fmt: skip
+    __slots__ = ("_data", "_json", "device_id", "device_type", "hold_until", "received_at",
+                 "record_time", "record_ts")  # fmt: skip
 
     def __init__(  # noqa: PLR0917 - the fields in order, as the API reference lists them
         self,
@@ -95,8 +98,11 @@ class Reading:
         record_time: str,
         data: dict[str, str],
         received_at: float,
+        *,
+        hold_until: float = 0.0,
     ) -> None:
         """Make a reading from its points as a dict (data point name -> exact decimal text)."""
+        self.hold_until = hold_until
         self.device_type = device_type
         self.device_id = device_id
         self.record_ts = record_ts
@@ -124,6 +130,7 @@ class Reading:
         reading._data = None
         reading._json = data_json
         reading.received_at = received_at
+        reading.hold_until = 0.0
         return reading
 
     @property

@@ -17,6 +17,14 @@ Payload formats:
     (``"226.1"``) or an object ``{"value": 226.1, "ts": ...}`` (the time under ``time_key``,
     else ``ts``; other keys such as a unit are ignored).
 
+A JSON route with any of the generic keys (``records``, ``device_id``, ``time``,
+``time_format``, ``align_secs``, ``points``, ``ignore``, ``on_non_numeric``, ``on_bad_time``,
+``max_age_days``) is read by the generic mapping instead: the ``records`` path gives the records
+(default: the payload, an array being several), each record's device id, time and points are
+found by paths (:mod:`bridge.intake.paths`), named points are taken leniently (a missing, null
+or non-numeric value leaves its point out), sums and scales are exact. The flat route keeps its
+own code: it is the hot path. A preset is meant to be a set of defaults for these keys.
+
 Values become strings without losing or inventing digits: a JSON number keeps the exact text
 it was sent with, a JSON string passes through unchanged but must look like a finite decimal
 number (``-?digits[.digits][e[+-]digits]``, ASCII only, no spaces). ``null`` points are
@@ -55,11 +63,12 @@ from functools import lru_cache
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bridge.config import PayloadFormat, Route
+from bridge.config import BadTime, NonNumeric, PayloadFormat, Route
 from bridge.errors import ConfigError, MappingError
+from bridge.intake.paths import JsonPath, compile_path
 from bridge.models import NO_DEVICE_ID_TYPES, Reading
 
-__all__ = ["REASONS", "Mapper", "format_record_time", "parse_time"]
+__all__ = ["REASONS", "Mapper", "Traced", "format_record_time", "parse_time"]
 
 REASONS: Final[tuple[str, ...]] = (
     "bad_topic",  # the topic is not valid UTF-8
@@ -97,6 +106,8 @@ MAX_DEVICE_ID: Final = 128
 _EXCERPT: Final = 60
 _MAX_SCALED_EXPONENT: Final = 1000  # bounds the length of format(d, "f") output
 _MAX_EXPONENT_DIGITS: Final = 6
+_MAX_SCALE_DIGITS: Final = 100  # a points scale factor: digits and magnitude
+_MAX_FORMATTED_TIME: Final = 64  # longer texts are not read with a route's time_format
 
 _NUMBER_TEXT: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _DIGITS: Final = "0123456789"
@@ -243,6 +254,13 @@ def _epoch_from_number(value: object, whole: int) -> int:
 def _epoch_from_text(text: str, tz: ZoneInfo) -> int:
     if text[4:5] == "-":
         return _epoch_from_datetime_text(text, tz)
+    if text[8:9] in {"T", "t"} and len(text) >= 15 and text[:8].isdigit():
+        # ISO 8601 basic (20151212T121212Z): read as the extended form it abbreviates.
+        extended = f"{text[0:4]}-{text[4:6]}-{text[6:8]}T{text[9:11]}:{text[11:13]}:{text[13:15]}"
+        rest = text[15:]
+        if rest[:1] in {"+", "-"} and len(rest) == 5:
+            rest = f"{rest[:3]}:{rest[3:]}"
+        return _epoch_from_datetime_text(extended + rest, tz)
     if text.isascii():
         if text.isdigit():
             if len(text) > _MAX_EPOCH_TEXT:
@@ -377,6 +395,223 @@ def format_record_time(ts: int, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(ts, tz).isoformat(" ")[:19]
 
 
+Traced = list[tuple[Reading, dict[str, str]]]
+"""Readings, each with the source of each of its points (a path, a sum, the topic)."""
+
+
+def _numeric_text(value: object) -> str | None:
+    """The exact text of a number or numeric string, ``None`` for anything else (null, a word,
+    a boolean, an object, an array, NaN): the lenient form of :func:`_value_text`."""
+    if not isinstance(value, str):
+        return None
+    kind = type(value)
+    if kind is _Num:
+        if ("e" not in value and "E" not in value) or _exponent_in_range(value):
+            return str(value)
+        return None
+    if kind is _Const or not _is_number_text(value):
+        return None
+    return value
+
+
+def _bounded(number: Decimal, point: str, text: str) -> Decimal:
+    """``number`` if its digits stay within what is converted exactly (bounds the work and
+    the length of the plain text), else ``bad_value``."""
+    exponent = number.as_tuple().exponent
+    if (
+        not isinstance(exponent, int)
+        or exponent < -_MAX_SCALED_EXPONENT
+        or number.adjusted() > _MAX_SCALED_EXPONENT
+    ):
+        raise MappingError(
+            "bad_value", f"point {_clip(point)} value {_clip(text)} is too large to convert"
+        )
+    return number
+
+
+def _exact_decimal(text: str, point: str) -> Decimal:
+    """``text`` as a Decimal whose digits stay within what is converted exactly."""
+    if len(text) <= _MAX_SCALED_EXPONENT and "e" not in text and "E" not in text:
+        return Decimal(text)  # at most 1000 digits: in bounds without looking closer
+    return _bounded(Decimal(text), point, text)
+
+
+def _key_path(key: str) -> str:
+    """``key`` written as a path: as it is when it is an identifier, else quoted."""
+    if key.isascii() and key.isidentifier():
+        return key
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _device_id_text(found: object, path: str) -> str | None:
+    """The device id a ``device_id`` path found, as it stands; ``None`` for an empty one."""
+    if not isinstance(found, str) or type(found) is _Const:
+        raise MappingError(
+            "missing_device_id",
+            f"device_id {_clip(path)} is {_describe(found)}: expected a string or a number",
+        )
+    text = str(found)
+    if len(text) > MAX_DEVICE_ID:
+        raise MappingError(
+            "device_id_too_long",
+            f"deviceId has {len(text)} characters, more than the limit of {MAX_DEVICE_ID}",
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MappingError(
+                "missing_device_id", f"device_id {_clip(path)} is not valid Unicode"
+            ) from None
+    return text or None
+
+
+_FIXED_WIDTHS: Final = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
+_FIELD_ORDER: Final = "YmdHMS"
+
+
+def _fixed_plan(fmt: str) -> tuple[int, tuple[tuple[int, int, int], ...], str] | None:
+    """For a format of only ``%Y %m %d %H %M %S`` and literal characters, its text length,
+    each field as (index into ``YmdHMS``, start, end), and the text with the fields blanked;
+    ``None`` for any other format (read by ``strptime``)."""
+    fields: list[tuple[int, int, int]] = []
+    template: list[str] = []
+    i = 0
+    while i < len(fmt):
+        char = fmt[i]
+        if char == "%":
+            directive = fmt[i + 1 : i + 2]
+            width = _FIXED_WIDTHS.get(directive)
+            if width is None:
+                return None
+            start = len(template)
+            fields.append((_FIELD_ORDER.index(directive), start, start + width))
+            template.extend(" " * width)
+            i += 2
+        else:
+            template.append(char)
+            i += 1
+    kinds = [kind for kind, _, _ in fields]
+    if len(set(kinds)) != len(kinds) or not {0, 1, 2, 3} <= set(kinds) or " " in fmt:
+        return None
+    return len(template), tuple(fields), "".join(template)
+
+
+def _fixed_fields(
+    text: str, plan: tuple[int, tuple[tuple[int, int, int], ...], str]
+) -> list[int] | None:
+    """The six date-time fields of ``text`` read by a fixed-width plan (``None``: no fit)."""
+    length, fields, template = plan
+    if len(text) != length or not text.isascii():
+        return None
+    values = [0, 0, 0, 0, 0, 0]
+    blanked = list(text)
+    for kind, start, end in fields:
+        part = text[start:end]
+        if not part.isdigit():
+            return None
+        values[kind] = int(part)
+        blanked[start:end] = " " * (end - start)
+    return values if "".join(blanked) == template else None
+
+
+def _time_with_format(
+    raw: object,
+    fmt: str,
+    tz: ZoneInfo,
+    plan: tuple[int, tuple[tuple[int, int, int], ...], str] | None = None,
+) -> int | None:
+    """Epoch seconds of ``raw`` read with the ``strptime`` format ``fmt`` (naive times in
+    ``tz``); ``None`` when it does not fit the format. ``plan`` (:func:`_fixed_plan`) reads
+    fixed-width digit formats without ``strptime``, which is slow (other texts still go to
+    ``strptime``, which also takes fields written with fewer digits)."""
+    if not isinstance(raw, str) or type(raw) is _Const or len(raw) > _MAX_FORMATTED_TIME:
+        return None
+    values = None if plan is None else _fixed_fields(str(raw), plan)
+    if values is not None:
+        year, month, day, hour, minute, second = values
+        try:
+            ts = math.floor(datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp())
+        except (OverflowError, ValueError):
+            return None
+        return _checked(ts, raw)
+    try:
+        parsed = datetime.strptime(str(raw), fmt)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=tz)
+    try:
+        ts = math.floor(parsed.timestamp())
+    except (OverflowError, ValueError):
+        return None
+    return _checked(ts, raw)
+
+
+class _Spec:
+    """The generic mapping of one route (records, device id, time, points), compiled."""
+
+    __slots__ = (
+        "align",
+        "device_id",
+        "max_age",
+        "points",
+        "receive_time_on_bad_time",
+        "records",
+        "skip_keys",
+        "skip_non_numeric",
+        "time",
+        "time_fallback",
+        "time_format",
+        "time_plan",
+    )
+
+    def __init__(self, route: Route, where: str) -> None:
+        self.records = None if route.records is None else compile_path(route.records)
+        self.device_id = None if route.device_id is None else compile_path(route.device_id)
+        if route.time is not None:
+            self.time = compile_path(route.time)
+        else:
+            self.time = JsonPath(_key_path(route.time_key), (route.time_key,), from_root=False)
+        # A value route without a time path falls back to "ts", as it always did.
+        self.time_fallback = "ts" if route.time is None else None
+        self.time_format = route.time_format
+        self.time_plan = None if route.time_format is None else _fixed_plan(route.time_format)
+        self.align = route.align_secs or 0
+        self.max_age = None if route.max_age_days is None else route.max_age_days * 86400
+        self.receive_time_on_bad_time = route.on_bad_time is BadTime.RECEIVE_TIME
+        self.skip_non_numeric = route.on_non_numeric is NonNumeric.SKIP
+        # The keys the id and the time are read under are not points (``meta.id``: ``meta``).
+        skip = set(route.ignore)
+        for path in (self.device_id, self.time):
+            if path is not None and not path.from_root and path.steps:
+                first = path.steps[0]
+                if isinstance(first, str):
+                    skip.add(first)
+        self.skip_keys = frozenset(skip)
+        self.points: tuple[tuple[str, tuple[JsonPath, ...], bool, Decimal | None, str], ...]
+        self.points = ()
+        if route.points is not None:
+            rules = []
+            for name, source in route.points.items():
+                texts = source.sum if source.sum is not None else [source.path or ""]
+                described = texts[0] if source.sum is None else f"sum({', '.join(texts)})"
+                scale = None if source.scale is None else Decimal(source.scale)
+                if scale is not None and (
+                    abs(scale.adjusted()) > _MAX_SCALE_DIGITS
+                    or len(scale.as_tuple().digits) > _MAX_SCALE_DIGITS
+                ):
+                    raise ConfigError(
+                        f"{where}.points.{name}.scale",
+                        f"use a factor of at most {_MAX_SCALE_DIGITS} digits and magnitude",
+                    )
+                if scale is not None:
+                    described += f" * {source.scale}"
+                paths = tuple(compile_path(text) for text in texts)
+                rules.append((name, paths, source.sum is not None, scale, described))
+            self.points = tuple(rules)
+
+
 class _Matcher:
     """One route, compiled for matching and mapping."""
 
@@ -389,6 +624,7 @@ class _Matcher:
         "point_index",
         "renames",
         "scale",
+        "spec",
         "template",
         "time_key",
         "type_index",
@@ -409,13 +645,20 @@ class _Matcher:
         self.time_key = route.time_key
         self.renames = dict(route.renames)
         self.scale = {point: Decimal(factor) for point, factor in route.scale.items()}
+        self.spec = _Spec(route, where) if route.generic else None
+        id_in_payload = route.device_id is not None
         if self.type_index < 0:
             if not (self.fixed_type.isascii() and self.fixed_type.isdigit()):
                 raise ConfigError(f"{where}.device_type", "must be a string of digits, e.g. '1'")
-            if self.id_index < 0 and self.fixed_type not in NO_DEVICE_ID_TYPES:
+            if (
+                self.id_index < 0
+                and self.fixed_type not in NO_DEVICE_ID_TYPES
+                and not id_in_payload
+            ):
                 raise ConfigError(
                     f"{where}.topic",
-                    f"device type {self.fixed_type} needs a deviceId: add a {{deviceId}} level",
+                    f"device type {self.fixed_type} needs a deviceId: add a {{deviceId}} level"
+                    " or a device_id path",
                 )
         for old, new in self.renames.items():
             if not new:
@@ -437,6 +680,7 @@ class Mapper:
         "_subscriptions",
         "_time_cache",
         "_topic_cache",
+        "_trace",
         "_tz",
     )
 
@@ -477,6 +721,7 @@ class Mapper:
         self._max_readings = max_readings
         self._topic_cache: dict[bytes, tuple[_Matcher, str, str | None, str]] = {}
         self._time_cache: dict[int, str] = {}
+        self._trace: Traced | None = None
 
     @property
     def subscriptions(self) -> list[str]:
@@ -531,6 +776,8 @@ class Mapper:
         doc = _loads(text)
         if not matcher.is_json:
             return [self._value_reading(resolved, doc, received_at)]
+        if matcher.spec is not None:
+            return self._records(matcher, matcher.spec, device_type, device_id, doc, received_at)
         if type(doc) is dict:
             return [self._reading(matcher, device_type, device_id, doc, received_at)]
         if type(doc) is not list:
@@ -556,6 +803,29 @@ class Mapper:
             except MappingError as exc:
                 raise MappingError(exc.reason, f"reading [{index}]: {exc.detail}") from None
         return readings
+
+    def explain(self, topic: bytes, payload: bytes, received_at: float) -> Traced:
+        """Like :meth:`map`, with each reading the source of each of its points (a path, a sum,
+        the topic's ``{point}``): what ``energy-bridge check --sample`` shows.
+
+        Raises:
+            MappingError: as :meth:`map`.
+        """
+        matcher = (self._topic_cache.get(topic) or self._resolve(topic))[0]
+        if matcher.is_json and matcher.spec is not None:
+            self._trace = []
+            try:
+                self.map(topic, payload, received_at)
+                return self._trace
+            finally:
+                self._trace = None
+        readings = self.map(topic, payload, received_at)
+        if not matcher.is_json:
+            return [
+                (r, dict.fromkeys(r.data, "the payload (point from the topic)")) for r in readings
+            ]
+        inverse = {new: old for old, new in matcher.renames.items()}
+        return [(r, {p: _key_path(inverse.get(p, p)) for p in r.data}) for r in readings]
 
     def _resolve(self, topic: bytes) -> tuple[_Matcher, str, str | None, str]:
         if len(topic) > MAX_TOPIC_BYTES:
@@ -594,7 +864,11 @@ class Mapper:
         # Types 15 and 16 send no deviceId, but one found in the topic is kept: it keeps the
         # readings of different sources apart (they are batched separately).
         device_id = (levels[matcher.id_index] if matcher.id_index >= 0 else "") or None
-        if device_type not in NO_DEVICE_ID_TYPES and not device_id:
+        if (
+            device_type not in NO_DEVICE_ID_TYPES
+            and not device_id
+            and (matcher.spec is None or matcher.spec.device_id is None)
+        ):
             raise MappingError(
                 "missing_device_id",
                 f"topic {_clip(text)} gives no deviceId, which device type {device_type} requires",
@@ -684,6 +958,160 @@ class Mapper:
         ts = self._time(raw_time, received_at)
         return Reading(device_type, device_id, ts, self._record_time(ts), data, received_at)
 
+    def _records(  # noqa: PLR0917 - the resolved topic and the message
+        self,
+        matcher: _Matcher,
+        spec: _Spec,
+        device_type: str,
+        device_id: str | None,
+        doc: Any,
+        received_at: float,
+    ) -> list[Reading]:
+        """The generic mapping: one reading per record the route's paths find."""
+        if spec.records is not None:
+            found = spec.records.find(doc, doc)
+            if found is None:
+                raise MappingError(
+                    "no_points",
+                    f"records path {_clip(spec.records.text)} finds nothing in the payload",
+                )
+            records = found if type(found) is list else [found]
+        elif type(doc) is list:
+            records = doc
+        elif type(doc) is dict:
+            records = [doc]
+        else:
+            raise MappingError(
+                "not_object",
+                f"payload is {_describe(doc)}: expected a JSON object or an array of objects",
+            )
+        if not records:
+            raise MappingError("no_points", "payload holds no records: no readings")
+        if len(records) > self._max_readings:
+            raise MappingError(
+                "too_many_readings",
+                f"payload holds {len(records)} records, more than the limit of"
+                f" {self._max_readings}",
+            )
+        readings = []
+        for index, record in enumerate(records):
+            try:
+                if type(record) is not dict:
+                    raise MappingError(  # noqa: TRY301 - re-raised below with the index
+                        "not_object", f"record is {_describe(record)}: expected a JSON object"
+                    )
+                readings.append(
+                    self._record(matcher, spec, device_type, device_id, record, doc, received_at)
+                )
+            except MappingError as exc:
+                if len(records) == 1:
+                    raise
+                raise MappingError(exc.reason, f"record [{index}]: {exc.detail}") from None
+        return readings
+
+    def _record(  # noqa: PLR0917 - the resolved topic and the message
+        self,
+        matcher: _Matcher,
+        spec: _Spec,
+        device_type: str,
+        topic_id: str | None,
+        record: dict[str, Any],
+        root: Any,
+        received_at: float,
+    ) -> Reading:
+        device_id = topic_id
+        if spec.device_id is not None:
+            found = spec.device_id.find(record, root)
+            if found is not None:
+                device_id = _device_id_text(found, spec.device_id.text)
+            if device_id is None and device_type not in NO_DEVICE_ID_TYPES:
+                raise MappingError(
+                    "missing_device_id",
+                    f"device_id {_clip(spec.device_id.text)} finds no id in the record,"
+                    f" which device type {device_type} requires",
+                )
+        sources: dict[str, str] = {}
+        if spec.points:
+            data = _points(spec, record, root, sources)
+        else:
+            data = self._all_points(matcher, spec, record, sources)
+        if not data:
+            raise MappingError("no_points", "record has no data points with a value")
+        if len(data) > self._max_points:
+            raise MappingError(
+                "too_many_points",
+                f"record has {len(data)} points, more than the limit of {self._max_points}",
+            )
+        if matcher.scale:
+            _apply_scale(data, matcher.scale)
+        ts = self._device_time(spec, spec.time.find(record, root), received_at)
+        hold_until = 0.0
+        if spec.align:
+            ts -= ts % spec.align
+            hold_until = min(ts, received_at) + spec.align
+        reading = Reading(
+            device_type,
+            device_id,
+            ts,
+            self._record_time(ts),
+            data,
+            received_at,
+            hold_until=hold_until,
+        )
+        if self._trace is not None:
+            self._trace.append((reading, sources))
+        return reading
+
+    def _all_points(
+        self, matcher: _Matcher, spec: _Spec, record: dict[str, Any], sources: dict[str, str]
+    ) -> dict[str, str]:
+        """Every key of the record but the skipped ones is a point (the flat rule)."""
+        skip = spec.skip_keys
+        if len(record) - len(skip) > self._max_points:
+            raise MappingError(
+                "too_many_points",
+                f"record has {len(record)} keys, more than the limit of {self._max_points}",
+            )
+        renames = matcher.renames
+        lenient = spec.skip_non_numeric
+        data: dict[str, str] = {}
+        for key, value in record.items():
+            if key in skip:
+                continue
+            text = _numeric_text(value) if lenient else _value_text(value, key)
+            if text is None:
+                continue
+            if not key.isascii():
+                _check_point_name(key)
+            elif not key:
+                raise MappingError("bad_point", "record has a point with an empty name")
+            name = renames.get(key, key) if renames else key
+            if name in data:
+                raise MappingError("bad_point", f"two points are named {_clip(name)} after renames")
+            data[name] = text
+            sources[name] = _key_path(key)
+        return data
+
+    def _device_time(self, spec: _Spec, raw: object, received_at: float) -> int:
+        """The record's time by the route's rules (format, age, what a bad time gets)."""
+        if raw is None:
+            return self._time(None, received_at)
+        try:
+            ts = None
+            if spec.time_format is not None:
+                ts = _time_with_format(raw, spec.time_format, self._tz, spec.time_plan)
+            if ts is None:
+                ts = parse_time(raw, self._tz)
+            if spec.max_age is not None and ts < received_at - spec.max_age:
+                raise _bad_time(
+                    raw, f"is more than {spec.max_age / 86400:g} days before its arrival"
+                )
+        except MappingError:
+            if not spec.receive_time_on_bad_time:
+                raise
+            return self._time(None, received_at)
+        return ts
+
     def _value_reading(
         self, resolved: tuple[_Matcher, str, str | None, str], doc: Any, received_at: float
     ) -> Reading:
@@ -706,8 +1134,65 @@ class Mapper:
         data = {point: text}
         if matcher.scale:
             _apply_scale(data, matcher.scale)
-        ts = self._time(raw_time, received_at)
-        return Reading(device_type, device_id, ts, self._record_time(ts), data, received_at)
+        spec = matcher.spec
+        if spec is None:
+            ts = self._time(raw_time, received_at)
+            return Reading(device_type, device_id, ts, self._record_time(ts), data, received_at)
+        if type(doc) is dict:
+            raw_time = spec.time.find(doc, doc)
+            if raw_time is None and spec.time_fallback is not None:
+                raw_time = doc.get(spec.time_fallback)
+        ts = self._device_time(spec, raw_time, received_at)
+        hold_until = 0.0
+        if spec.align:
+            ts -= ts % spec.align
+            hold_until = min(ts, received_at) + spec.align
+        return Reading(
+            device_type,
+            device_id,
+            ts,
+            self._record_time(ts),
+            data,
+            received_at,
+            hold_until=hold_until,
+        )
+
+
+def _points(
+    spec: _Spec, record: dict[str, Any], root: Any, sources: dict[str, str]
+) -> dict[str, str]:
+    """The route's named points: each from its path, or the exact sum of its paths, scaled.
+
+    A value that is missing, null or not a number leaves its point out (a sum: any part).
+    """
+    data: dict[str, str] = {}
+    for name, paths, is_sum, scale, described in spec.points:
+        if is_sum:
+            number = Decimal(0)
+            for path in paths:
+                text = _numeric_text(path.find(record, root))
+                if text is None:
+                    break
+                number = _EXACT.add(number, _exact_decimal(text, name))
+            else:
+                text = ""
+            if text is None:
+                continue
+        else:
+            text = _numeric_text(paths[0].find(record, root))
+            if text is None:
+                continue
+            if scale is None:
+                data[name] = text
+                sources[name] = described
+                continue
+            number = _exact_decimal(text, name)
+        if scale is not None:
+            number = _EXACT.multiply(number, scale)
+        # Parts and factors are bounded (parts above, factors at config load): so is the result.
+        data[name] = format(number, "f")
+        sources[name] = described
+    return data
 
 
 def _check_point_name(name: str) -> None:

@@ -4,8 +4,11 @@ Readings enter in spool order. Each goes to the open batch of its (deviceType, r
 window); readings of the same device at the same recordTime merge into one ``devices[]`` entry
 (later values win per point). A batch is closed when it reaches ``max_devices`` entries or about
 ``max_bytes`` of body, ``linger_secs`` after its first reading, under memory pressure, or on
-shutdown. Closing builds every entry once, from the points' JSON text each reading already
-carries (re-serialized only where readings merged); the body is those bytes joined.
+shutdown. A batch holding a reading with a ``hold_until`` (a route's ``align_secs``: partial
+messages of one device and aligned window merge into one entry) also waits until that time
+has passed, plus ``linger_secs`` for stragglers. Closing builds every entry once, from the
+points' JSON text each reading already carries (re-serialized only where readings merged);
+the body is those bytes joined.
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ class _Open:
     entries: dict[tuple[str | None, str], _Entry] = field(default_factory=dict)
     size: int = 0
     readings: int = 0
+    hold_until: float = 0.0
+
+    def deadline(self, linger: float) -> float:
+        """When the batch is due: linger after its first reading, or after its hold."""
+        return max(self.opened_at, self.hold_until) + linger
 
 
 class Batcher:
@@ -68,7 +76,8 @@ class Batcher:
         max_bytes: most body bytes per batch.
         window_secs: recordTime window of a partition.
         linger_secs: how long an open batch waits after its first reading.
-        max_pending: readings held in open batches before the oldest batches are closed early.
+        max_pending: readings held in open batches before the oldest batches are closed early
+            (in a held batch a reading merged into an existing entry does not count).
         clock: wall-clock seconds, the scale of ``Reading.received_at`` (injected for tests).
     """
 
@@ -124,10 +133,19 @@ class Batcher:
             # An upper bound: points overwritten by the merge are counted twice.
             entry.size += added
             batch.size += added
-        batch.readings += 1
-        self.pending += 1
+        batch.hold_until = max(batch.hold_until, reading.hold_until)
+        # A reading merged into a held entry costs a row id and a few points, not a reading's
+        # memory: held windows count by entry, or partial messages of many meters would
+        # pass max_pending and be closed early, half merged.
+        counted = entry is None or not batch.hold_until
+        batch.readings += counted
+        self.pending += counted
         out: list[Batch] = []
-        if len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes:
+        # A held batch is not closed when full: it is split into requests when its window
+        # has closed (closing it early would send its entries half merged).
+        if not batch.hold_until and (
+            len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes
+        ):
             out.extend(self._close(key))
         if self.pending > self.max_pending:
             out.extend(self._relieve())
@@ -136,14 +154,15 @@ class Batcher:
     def due(self) -> list[Batch]:
         """Close and return every batch whose linger time has passed."""
         now = self.clock()
-        expired = [k for k, b in self._open.items() if now - b.opened_at >= self.linger_secs]
+        linger = self.linger_secs
+        expired = [k for k, b in self._open.items() if now >= b.deadline(linger)]
         return [batch for key in expired for batch in self._close(key)]
 
     def next_deadline(self) -> float | None:
         """Clock time at which the next open batch becomes due, ``None`` when none is open."""
         if not self._open:
             return None
-        return min(b.opened_at for b in self._open.values()) + self.linger_secs
+        return min(b.deadline(self.linger_secs) for b in self._open.values())
 
     def flush(self) -> list[Batch]:
         """Close every open batch (shutdown, or the input ran dry during a drain)."""
@@ -169,6 +188,7 @@ class Batcher:
             key,
             [(e.serialize(), e.rids, e.received_ats) for e in batch.entries.values()],
             self.max_bytes,
+            self.max_devices,
         )
 
 
@@ -176,8 +196,10 @@ def split_entries(
     key: BatchKey,
     entries: list[tuple[bytes, list[int], list[float]]],
     max_bytes: int,
+    max_devices: int | None = None,
 ) -> list[Batch]:
-    """Pack serialized entries, in order, into batches whose body fits ``max_bytes``.
+    """Pack serialized entries, in order, into batches whose body fits ``max_bytes`` (and
+    that hold at most ``max_devices`` entries, when given).
 
     An entry larger than ``max_bytes`` on its own still goes out, alone: it cannot be split,
     and the service decides whether it is acceptable.
@@ -188,7 +210,9 @@ def split_entries(
     size = head
     for item in entries:
         extra = len(item[0]) + (1 if current else 0)
-        if current and size + extra > max_bytes:
+        if current and (
+            size + extra > max_bytes or (max_devices is not None and len(current) >= max_devices)
+        ):
             out.append(_make_batch(key, current))
             current, size = [], head
             extra = len(item[0])
