@@ -53,6 +53,8 @@ __all__ = [
     "MetricsSettings",
     "MqttSettings",
     "PayloadFormat",
+    "RegistrySettings",
+    "RegistryUnknown",
     "Route",
     "Settings",
     "SpoolSettings",
@@ -138,6 +140,9 @@ class PayloadFormat(StrEnum):
     """A JSON object (one reading) or an array of objects (several readings, e.g. back-fill)."""
     VALUE = "value"
     """A bare value for the one point named by ``{point}`` in the topic."""
+    SPARKPLUG_B = "sparkplug-b"
+    """Sparkplug B protobuf on ``spBv1.0/<group>/<type>/<edge>[/<device>]`` (no ``topic``:
+    the route subscribes to the namespace, or to ``sparkplug_group``)."""
 
 
 class Route(_Section):
@@ -155,6 +160,15 @@ class Route(_Section):
     """Point renames applied before sending, e.g. ``{voltage_a: Ua}``."""
     scale: dict[str, str] = Field(default_factory=dict)
     """Exact decimal factors per point (after renames), e.g. ``{Ep_imp: "0.001"}`` for Wh->kWh."""
+    points: dict[str, str] = Field(default_factory=dict)
+    """Exactly these Energy Expert points, each from the named source (``sparkplug-b``: a
+    metric name), e.g. ``{Ua: "Voltage/L1"}``; empty: every numeric value under its own name."""
+    sparkplug_group: str | None = Field(default=None, min_length=1)
+    """``sparkplug-b``: only this Sparkplug group (``spBv1.0/<group>/#``); all groups when
+    unset."""
+    request_rebirth: bool = False
+    """``sparkplug-b``: on a metric alias no birth defined, ask the edge node to publish its
+    births again (NCMD ``Node Control/Rebirth``, at most once per node every few seconds)."""
 
     @field_validator("topic")
     @classmethod
@@ -202,12 +216,36 @@ class Route(_Section):
             raise ValueError("topic has no {deviceType}: set device_type")
         if self.format is PayloadFormat.VALUE and "point" not in names:
             raise ValueError("format 'value' needs a {point} level in the topic")
+        if self.format is PayloadFormat.SPARKPLUG_B:
+            _check_sparkplug(self)
+        elif self.sparkplug_group is not None or self.request_rebirth:
+            raise ValueError("sparkplug_group and request_rebirth need format 'sparkplug-b'")
         return self
 
     @property
     def subscription(self) -> str:
         """The MQTT topic filter that covers this template."""
+        if self.format is PayloadFormat.SPARKPLUG_B:
+            if self.sparkplug_group is None:
+                return "spBv1.0/#"
+            return f"spBv1.0/{self.sparkplug_group}/#"
         return _PLACEHOLDER.sub("+", self.topic)
+
+
+def _check_sparkplug(route: Route) -> None:
+    """A ``sparkplug-b`` route: a fixed device type, the namespace instead of a topic."""
+    if "topic" in route.model_fields_set:
+        raise ValueError(
+            "format 'sparkplug-b' subscribes to spBv1.0/#: set sparkplug_group to narrow it,"
+            " not topic"
+        )
+    if route.device_type is None or not (
+        route.device_type.isascii() and route.device_type.isdigit()
+    ):
+        raise ValueError("format 'sparkplug-b' needs device_type, a string of digits such as '1'")
+    group = route.sparkplug_group
+    if group is not None and any(c in group for c in "/+#"):
+        raise ValueError("sparkplug_group is one topic level: no '/', '+' or '#'")
 
 
 class CredentialsSource(StrEnum):
@@ -366,6 +404,25 @@ class MetricsSettings(_Section):
     """Most devices whose last reading time is remembered (memory bound)."""
 
 
+class RegistryUnknown(StrEnum):
+    """What happens to a deviceId the device registry does not list."""
+
+    PASS = "pass"  # noqa: S105 - a mode, not a password
+    """It is pushed as the route produced it."""
+    REJECT = "reject"
+    """The message is dead-lettered with reason ``unknown_device``."""
+
+
+class RegistrySettings(_Section):
+    """The device registry: the plant's ids -> the deviceIds Energy Expert knows."""
+
+    file: Path | None = None
+    """CSV with the header ``source_id,device_id[,device_type]``; re-read on SIGHUP (a bad
+    file keeps the previous table). No registry when unset."""
+    unknown: RegistryUnknown = RegistryUnknown.PASS
+    """``pass`` or ``reject`` (dead letter ``unknown_device``) an id the file does not list."""
+
+
 class LogFormat(StrEnum):
     """Log line format."""
 
@@ -418,6 +475,8 @@ class Settings(BaseSettings):
     """Logging."""
     metrics: MetricsSettings = MetricsSettings()
     """Metrics options."""
+    registry: RegistrySettings = RegistrySettings()
+    """The device registry."""
     timezone: str = "Asia/Shanghai"
     """IANA zone recordTime is written in, and in which times without offset are read."""
     shutdown_grace_secs: float = Field(default=10.0, ge=0)
