@@ -27,7 +27,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from bridge.config import PayloadFormat, RegistryUnknown, Settings
+from bridge.config import PayloadFormat, Settings
 from bridge.credentials import CredentialsProvider
 from bridge.errors import ConfigError
 from bridge.health import Health, HealthServer
@@ -107,10 +107,7 @@ class App:
         Raises:
             ConfigError: the file cannot be read or a line is wrong (the message names it).
         """
-        r = self.settings.registry
-        if r.file is None:
-            return None
-        return Registry.load(r.file, reject_unknown=r.unknown is RegistryUnknown.REJECT)
+        return Registry.from_settings(self.settings.registry)
 
     async def _reload_registry(self) -> None:
         try:

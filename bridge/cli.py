@@ -48,19 +48,14 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridge.config import RegistryUnknown, has_daylight_saving  # noqa: PLC0415
+    from bridge.config import has_daylight_saving  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
     from bridge.intake.mapping import Mapper  # noqa: PLC0415
     from bridge.intake.registry import Registry  # noqa: PLC0415
 
     settings = _load(args.config)
-    registry = None
-    if settings.registry.file is not None:
-        # A bad file stops `run`: fail here the same way, naming the file and line.
-        registry = Registry.load(
-            settings.registry.file,
-            reject_unknown=settings.registry.unknown is RegistryUnknown.REJECT,
-        )
+    # A bad registry file stops `run`: fail here the same way, naming the file and line.
+    registry = Registry.from_settings(settings.registry)
     warnings: list[str] = []
     if settings.mqtt.tls.insecure:
         warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
