@@ -111,16 +111,23 @@ def test_sparkplug_births_and_ddata_arrive_with_exact_values(
     )
 
 
+@pytest.mark.parametrize("stop", ["terminate", "kill"])
 def test_sparkplug_ddata_queued_while_the_bridge_was_down_decodes_after_restart(
-    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
+    mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, stop: str
 ) -> None:
-    """Test that the aliases of a DBIRTH survive a bridge restart: a DDATA that waited in the
-    persistent session's backlog while the bridge was stopped is decoded when it comes back."""
+    """Test that the aliases of a DBIRTH survive a bridge restart, after a clean stop or a
+    crash (SIGKILL): a DDATA that waited in the persistent session's backlog while the bridge
+    was down is decoded when it comes back."""
     bridge = bridge_factory(routes=[_route()])
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many([NBIRTH, DBIRTH])
         wait_until(lambda: _delivered(stub) >= 2, 30, message="the births delivered")
-        assert 0 == bridge.terminate()
+        # Their rows deleted too, so a crash does not send them twice.
+        wait_until(lambda: bridge.metric("bridge_spool_readings") == 0, 10, message="spooled")
+        if stop == "kill":
+            bridge.kill()
+        else:
+            assert 0 == bridge.terminate()
 
         pub.publish_many([DDATA])
     bridge.start().wait_ready()
