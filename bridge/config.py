@@ -218,8 +218,10 @@ class Route(_Section):
             raise ValueError("format 'value' needs a {point} level in the topic")
         if self.format is PayloadFormat.SPARKPLUG_B:
             _check_sparkplug(self)
-        elif self.sparkplug_group is not None or self.request_rebirth:
-            raise ValueError("sparkplug_group and request_rebirth need format 'sparkplug-b'")
+        elif self.sparkplug_group is not None or self.request_rebirth or self.points:
+            raise ValueError(
+                "sparkplug_group, request_rebirth and points need format 'sparkplug-b'"
+            )
         return self
 
     @property
@@ -238,6 +240,14 @@ def _check_sparkplug(route: Route) -> None:
         raise ValueError(
             "format 'sparkplug-b' subscribes to spBv1.0/#: set sparkplug_group to narrow it,"
             " not topic"
+        )
+    unused = sorted(
+        key for key in ("time_key", "renames", "scale") if key in route.model_fields_set
+    )
+    if unused:
+        raise ValueError(
+            f"format 'sparkplug-b' does not use {', '.join(unused)}: name the points with"
+            " points (EE point: metric name)"
         )
     if route.device_type is None or not (
         route.device_type.isascii() and route.device_type.isdigit()

@@ -31,6 +31,8 @@ def test_config_sparkplug_route_subscribes_to_the_namespace_or_its_group() -> No
         ({"device_type": "1", "topic": "a/{deviceId}"}, "not topic"),
         ({"device_type": "1", "sparkplug_group": "a/b"}, "one topic level"),
         ({"device_type": "1", "sparkplug_group": "#"}, "one topic level"),
+        ({"device_type": "1", "scale": {"P": "0.001"}}, "does not use scale"),
+        ({"device_type": "1", "renames": {"a": "b"}, "time_key": "t"}, "renames, time_key"),
     ],
 )
 def test_config_sparkplug_route_refuses_what_cannot_work(
@@ -42,9 +44,11 @@ def test_config_sparkplug_route_refuses_what_cannot_work(
 
 
 def test_config_sparkplug_options_need_the_sparkplug_format() -> None:
-    """Test that sparkplug_group or request_rebirth on a JSON route is refused, not ignored."""
-    with pytest.raises(ValidationError, match="need format 'sparkplug-b'"):
-        Route(request_rebirth=True)
+    """Test that sparkplug_group, request_rebirth or points on a JSON route is refused, not
+    ignored (the JSON mapping does not read points yet)."""
+    for fields in ({"request_rebirth": True}, {"sparkplug_group": "g"}, {"points": {"a": "b"}}):
+        with pytest.raises(ValidationError, match="need format 'sparkplug-b'"):
+            Route(**fields)  # type: ignore[arg-type]
 
 
 def test_config_route_points_default_to_none() -> None:
