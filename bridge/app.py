@@ -138,6 +138,11 @@ class App:
         """
         self.credentials.check_format()
         self._registry = self.load_registry()
+        if self._registry is not None:
+            log.info(
+                "device registry loaded",
+                extra={"file": str(self._registry.path), "entries": len(self._registry)},
+            )
         # One bridge per spool, checked before anything starts: two would push every row.
         with SpoolLock(self.settings.spool.path):
             await self._run()

@@ -75,6 +75,8 @@ def _check(args: argparse.Namespace) -> int:
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
     creds = CredentialsProvider(settings.cloud.credentials)
     out: dict[str, Any] = {"settings": _masked(settings), "credentials": creds.describe()}
+    if registry is not None:
+        out["registry"] = {"file": str(registry.path), "entries": len(registry)}
     if warnings:
         out["warnings"] = warnings
     status = 0

@@ -60,8 +60,13 @@ def test_check_sample_maps_the_device_id_through_the_registry(tmp_path: Path) ->
     known = _cli("check", "--config", str(config), "--sample", "meters/1/m-1/telemetry", payload)
     unknown = _cli("check", "--config", str(config), "--sample", "meters/1/m-9/telemetry", payload)
 
-    body = json.loads(known.stdout)["sample"]["push_bodies"][0]
-    assert ("2", "EE-0001") == (body["deviceType"], body["devices"][0]["deviceId"])
+    out = json.loads(known.stdout)
+    body = out["sample"]["push_bodies"][0]
+    assert ("2", "EE-0001", 1) == (
+        body["deviceType"],
+        body["devices"][0]["deviceId"],
+        out["registry"]["entries"],
+    )
     assert (1, "unknown_device") == (
         unknown.returncode,
         json.loads(unknown.stdout)["sample"]["rejected"]["reason"],
