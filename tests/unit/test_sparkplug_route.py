@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.config import PayloadFormat, Route
 from bridge.intake.sparkplug import REBIRTH_METRIC, decode_payload
@@ -280,3 +282,26 @@ def test_sparkplug_route_named_data_metrics_need_no_birth() -> None:
     )
 
     assert [("edge-2", "2023-11-15 06:13:20", {"Ua": "229.3"})] == _entries(outcome)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["NBIRTH", "DBIRTH", "NDATA", "DDATA", "NDEATH", "XDATA", "STATE"]),
+    device=st.sampled_from(["", "/meter-1", "/a/b"]),
+    payload=st.binary(max_size=200),
+)
+def test_sparkplug_route_never_raises_on_any_payload(
+    kind: str, device: str, payload: bytes
+) -> None:
+    """Test that any bytes on any Sparkplug topic give readings, a skip or a reason, never an
+    exception (the alias state stays usable afterwards)."""
+    intake = _intake(request_rebirth=True)
+    _map(intake, D, DBIRTH)
+
+    outcome = _map(intake, f"spBv1.0/plant/{kind}/edge-1{device}", payload)
+
+    assert (outcome.error is None) or (outcome.readings == [] and outcome.skipped is None)
+    if "BIRTH" not in kind:  # a birth may define the aliases anew
+        assert [{"Power": "-118", "Voltage": "229.3"}] == [
+            r.data for r in _map(intake, DD, DDATA).readings
+        ]
