@@ -30,12 +30,15 @@ import socket
 import time
 from dataclasses import dataclass
 
-from bridge.config import Settings, per_point_warning
+from bridge.config import PayloadFormat, Settings, per_point_warning
 from bridge.credentials import CredentialsProvider
+from bridge.errors import ConfigError
 from bridge.health import Health, HealthServer
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import REASONS, Mapper
 from bridge.intake.mqtt import MqttSource
+from bridge.intake.registry import Registry
+from bridge.intake.sparkplug_route import REJECT_REASONS, SKIP_REASONS, SparkplugIntake
 from bridge.models import Batch
 from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
@@ -85,17 +88,54 @@ class App:
         self.metrics.replica_info.info(self.identity)
         self._stop = asyncio.Event()
         self._pusher: Pusher | None = None
+        self._ingest: Ingest | None = None
+        self._registry: Registry | None = None
+        self._reloading: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read credentials (files or environment) on the next request."""
+        """SIGHUP: re-read credentials (files or environment) on the next request, and the
+        device registry (a bad file keeps the previous table)."""
         log.info("reloading credentials", extra={"source": self.credentials.source})
         self.credentials.reload()
         if self._pusher is not None:
             self._pusher.resume_now()
+        if self.settings.registry.file is not None and (
+            self._reloading is None or self._reloading.done()
+        ):
+            self._reloading = asyncio.get_running_loop().create_task(
+                self._reload_registry(), name="registry-reload"
+            )
+
+    def load_registry(self) -> Registry | None:
+        """Read ``registry.file`` (``None`` when none is configured).
+
+        Raises:
+            ConfigError: the file cannot be read or a line is wrong (the message names it).
+        """
+        return Registry.from_settings(self.settings.registry)
+
+    async def _reload_registry(self) -> None:
+        try:
+            registry = await asyncio.to_thread(self.load_registry)
+        except ConfigError as exc:
+            self.metrics.registry_reloads.labels("failed").inc()
+            log.error(  # noqa: TRY400 - the message says it all; no traceback
+                "device registry not reloaded: the previous table stays",
+                extra={"error": exc.message},
+            )
+            return
+        self._registry = registry
+        if self._ingest is not None:
+            self._ingest.registry = registry
+        self.metrics.registry_reloads.labels("ok").inc()
+        log.info(
+            "device registry reloaded",
+            extra={"file": str(self.settings.registry.file), "entries": len(registry or ())},
+        )
 
     async def run(self) -> None:
         """Build the stages, run them until stopped, stop them (see the module docstring).
@@ -106,6 +146,12 @@ class App:
             SpoolLockedError: another bridge runs on this spool (nothing was started).
         """
         self.credentials.check_format()
+        self._registry = self.load_registry()
+        if self._registry is not None:
+            log.info(
+                "device registry loaded",
+                extra={"file": str(self._registry.path), "entries": len(self._registry)},
+            )
         # One bridge per spool, checked before anything starts: two would push every row.
         with SpoolLock(self.settings.spool.path):
             await self._run()
@@ -117,6 +163,7 @@ class App:
         async with self._push_client() as client:
             pipeline = await self._build(client)
             self._pusher = pipeline.pusher
+            self._ingest = pipeline.ingest
             self._log_start()
             async with asyncio.TaskGroup() as tg:
                 tasks = {
@@ -151,6 +198,7 @@ class App:
             synchronous=s.spool.synchronous.value,
             dead_letter_max_bytes=s.spool.dead_letter_max_bytes,
         )
+        aliases = await asyncio.to_thread(store.sparkplug_aliases)
         server = HealthServer(
             host=s.http.host,
             port=s.http.port,
@@ -188,8 +236,25 @@ class App:
         )
         feeder = Feeder(spool=spool, batcher=batcher, queue=queue)
         mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
-        self.metrics.precreate(routes=[r.topic for r in s.routes], reasons=REASONS)
         source = MqttSource(s.mqtt, mapper.subscriptions, self.metrics, self.health)
+
+        def request_rebirth(topic: str, payload: bytes) -> bool:
+            sent = source.publish(topic, payload)
+            if sent:
+                self.metrics.sparkplug_rebirths.inc()
+                log.info("sparkplug rebirth requested", extra={"topic": topic})
+            return sent
+
+        sparkplug = SparkplugIntake(s.routes, s.timezone, publish=request_rebirth)
+        sparkplug.load(aliases)
+        self.metrics.precreate(
+            routes=[
+                *(r.topic for r in s.routes if r.format is not PayloadFormat.SPARKPLUG_B),
+                *sparkplug.labels,
+            ],
+            reasons=(*REASONS, *REJECT_REASONS, "unknown_device"),
+            skip_reasons=SKIP_REASONS if sparkplug else (),
+        )
         ingest = Ingest(
             mapper=mapper,
             spool=spool,
@@ -203,6 +268,8 @@ class App:
             high_water=max(1_000, 2 * s.mqtt.receive_maximum),
             silent_after_secs=s.metrics.device_silent_after_secs,
             max_tracked_devices=s.metrics.max_tracked_devices,
+            sparkplug=sparkplug,
+            registry=self._registry,
         )
         return _Pipeline(source, ingest, feeder, pusher, spool, server)
 

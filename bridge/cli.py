@@ -51,8 +51,11 @@ def _check(args: argparse.Namespace) -> int:
     from bridge.config import has_daylight_saving, per_point_warning  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
     from bridge.intake.mapping import Mapper  # noqa: PLC0415
+    from bridge.intake.registry import Registry  # noqa: PLC0415
 
     settings = _load(args.config)
+    # A bad registry file stops `run`: fail here the same way, naming the file and line.
+    registry = Registry.from_settings(settings.registry)
     warnings: list[str] = []
     if settings.mqtt.tls.insecure:
         warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
@@ -74,6 +77,8 @@ def _check(args: argparse.Namespace) -> int:
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
     creds = CredentialsProvider(settings.cloud.credentials)
     out: dict[str, Any] = {"settings": _masked(settings), "credentials": creds.describe()}
+    if registry is not None:
+        out["registry"] = {"file": str(registry.path), "entries": len(registry)}
     if warnings:
         out["warnings"] = warnings
     status = 0
@@ -91,6 +96,10 @@ def _check(args: argparse.Namespace) -> int:
         route = mapper.route_of(topic.encode())
         try:
             traced = mapper.explain(topic.encode(), payload.encode(), time.time())
+            if registry is not None:
+                # The registry keeps order and length (or refuses the message as a whole).
+                renamed = registry.apply([r for r, _ in traced])
+                traced = [(r, sources) for r, (_, sources) in zip(renamed, traced, strict=True)]
         except MappingError as exc:
             out["sample"] = {
                 "route": route,

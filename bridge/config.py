@@ -59,6 +59,8 @@ __all__ = [
     "NonNumeric",
     "PayloadFormat",
     "PointSource",
+    "RegistrySettings",
+    "RegistryUnknown",
     "Route",
     "Settings",
     "SpoolSettings",
@@ -186,6 +188,9 @@ class PayloadFormat(StrEnum):
     """A JSON object (one reading) or an array of objects (several readings, e.g. back-fill)."""
     VALUE = "value"
     """A bare value for the one point named by ``{point}`` in the topic."""
+    SPARKPLUG_B = "sparkplug-b"
+    """Sparkplug B protobuf on ``spBv1.0/<group>/<type>/<edge>[/<device>]`` (no ``topic``:
+    the route subscribes to the namespace, or to ``sparkplug_group``)."""
 
 
 class NonNumeric(StrEnum):
@@ -243,6 +248,8 @@ class PointSource(_Section):
     """Paths whose values are added exactly; the point is left out unless all are found."""
     scale: str | None = None
     """Exact decimal factor applied last (``"0.001"``: W -> kW)."""
+    name: str | None = Field(default=None, min_length=1, max_length=1024)
+    """``sparkplug-b`` only: a metric name taken as it stands (written as a bare string there)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -274,7 +281,7 @@ class PointSource(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> PointSource:
-        if (self.path is None) == (self.sum is None):
+        if sum(x is not None for x in (self.path, self.sum, self.name)) != 1:
             raise ValueError("give exactly one of path or sum")
         return self
 
@@ -315,7 +322,9 @@ class Route(_Section):
     aligned window merge into one entry (held until the window has closed)."""
     points: dict[str, PointSource] | None = None
     """Exactly these Energy Expert points, each from a path (or a sum, with a scale); values
-    that are missing, null or not numbers leave their point out."""
+    that are missing, null or not numbers leave their point out. ``sparkplug-b``: each from a
+    metric name as it stands (``{Ua: "Voltage/L1"}``); without ``points`` every numeric metric
+    is sent under its own name."""
     ignore: list[str] = Field(default_factory=list)
     """Without ``points``: record keys that are not points (skipped, not rejected)."""
     on_non_numeric: NonNumeric = NonNumeric.REJECT
@@ -325,6 +334,31 @@ class Route(_Section):
     (dead-letter, counted) or use the ``receive_time``."""
     max_age_days: float | None = Field(default=None, gt=0)
     """Record times older than this (before the receive time) are bad times."""
+    sparkplug_group: str | None = Field(default=None, min_length=1)
+    """``sparkplug-b``: only this Sparkplug group (``spBv1.0/<group>/#``); all groups when
+    unset."""
+    request_rebirth: bool = False
+    """``sparkplug-b``: on a metric alias no birth defined, ask the edge node to publish its
+    births again (NCMD ``Node Control/Rebirth``, at most once per node every few seconds)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sparkplug_names(cls, value: object) -> object:
+        # A sparkplug-b route's points name metrics ("Voltage/L1", "Inputs/A 1"), which are
+        # not paths: a bare string there is a name, taken as it stands.
+        if (
+            isinstance(value, dict)
+            and value.get("format") == PayloadFormat.SPARKPLUG_B.value
+            and isinstance(value.get("points"), dict)
+        ):
+            value = {
+                **value,
+                "points": {
+                    point: {"name": source} if isinstance(source, str) else source
+                    for point, source in value["points"].items()
+                },
+            }
+        return value
 
     @field_validator("topic")
     @classmethod
@@ -401,6 +435,16 @@ class Route(_Section):
                     raise ValueError(f"{key} does not apply to format 'value' (one value a topic)")
         if self.time is not None and "time_key" in self.model_fields_set:
             raise ValueError("set time (a path) or time_key, not both")
+        if self.format is PayloadFormat.SPARKPLUG_B:
+            _check_sparkplug(self)
+        else:
+            if self.sparkplug_group is not None or self.request_rebirth:
+                raise ValueError("sparkplug_group and request_rebirth need format 'sparkplug-b'")
+            named = [p for p, src in (self.points or {}).items() if src.name is not None]
+            if named:
+                raise ValueError(
+                    f"points {named}: a source by name (not a path) needs format 'sparkplug-b'"
+                )
         return self
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> Route:
@@ -430,7 +474,56 @@ class Route(_Section):
     @property
     def subscription(self) -> str:
         """The MQTT topic filter that covers this template."""
+        if self.format is PayloadFormat.SPARKPLUG_B:
+            if self.sparkplug_group is None:
+                return "spBv1.0/#"
+            return f"spBv1.0/{self.sparkplug_group}/#"
         return _PLACEHOLDER.sub("+", self.topic)
+
+
+def _check_sparkplug(route: Route) -> None:
+    """A ``sparkplug-b`` route: a fixed device type, the namespace instead of a topic."""
+    if "topic" in route.model_fields_set:
+        raise ValueError(
+            "format 'sparkplug-b' subscribes to spBv1.0/#: set sparkplug_group to narrow it,"
+            " not topic"
+        )
+    unused = sorted(
+        key
+        for key in (
+            "time_key",
+            "renames",
+            "scale",
+            "records",
+            "device_id",
+            "time",
+            "time_format",
+            "align_secs",
+            "ignore",
+            "on_non_numeric",
+            "on_bad_time",
+            "max_age_days",
+        )
+        if key in route.model_fields_set
+    )
+    if unused:
+        raise ValueError(
+            f"format 'sparkplug-b' does not use {', '.join(unused)}: name the points with"
+            " points (EE point: metric name)"
+        )
+    if route.device_type is None or not (
+        route.device_type.isascii() and route.device_type.isdigit()
+    ):
+        raise ValueError("format 'sparkplug-b' needs device_type, a string of digits such as '1'")
+    not_names = sorted(p for p, src in (route.points or {}).items() if src.name is None)
+    if not_names:
+        raise ValueError(
+            f"points {not_names}: a sparkplug-b point is a metric name (EE point: metric name),"
+            " not a path, sum or scale"
+        )
+    group = route.sparkplug_group
+    if group is not None and any(c in group for c in "/+#"):
+        raise ValueError("sparkplug_group is one topic level: no '/', '+' or '#'")
 
 
 class CredentialsSource(StrEnum):
@@ -589,6 +682,25 @@ class MetricsSettings(_Section):
     """Most devices whose last reading time is remembered (memory bound)."""
 
 
+class RegistryUnknown(StrEnum):
+    """What happens to a deviceId the device registry does not list."""
+
+    PASS = "pass"  # noqa: S105 - a mode, not a password
+    """It is pushed as the route produced it."""
+    REJECT = "reject"
+    """The message is dead-lettered with reason ``unknown_device``."""
+
+
+class RegistrySettings(_Section):
+    """The device registry: the plant's ids -> the deviceIds Energy Expert knows."""
+
+    file: Path | None = None
+    """CSV with the header ``source_id,device_id[,device_type]``; re-read on SIGHUP (a bad
+    file keeps the previous table). No registry when unset."""
+    unknown: RegistryUnknown = RegistryUnknown.PASS
+    """``pass`` or ``reject`` (dead letter ``unknown_device``) an id the file does not list."""
+
+
 class LogFormat(StrEnum):
     """Log line format."""
 
@@ -641,6 +753,8 @@ class Settings(BaseSettings):
     """Logging."""
     metrics: MetricsSettings = MetricsSettings()
     """Metrics options."""
+    registry: RegistrySettings = RegistrySettings()
+    """The device registry."""
     timezone: str = "Asia/Shanghai"
     """IANA zone recordTime is written in, and in which times without offset are read."""
     shutdown_grace_secs: float = Field(default=10.0, ge=0)

@@ -151,6 +151,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.sparkplug_rebirths = Counter(
+            "bridge_sparkplug_rebirth_requests_total",
+            "Sparkplug rebirth requests (NCMD Node Control/Rebirth) sent to edge nodes whose"
+            " aliases the bridge did not know",
+            registry=r,
+        )
+        self.registry_reloads = Counter(
+            "bridge_registry_reloads_total",
+            "Re-reads of the device registry (SIGHUP), by result (ok, failed: the previous"
+            " table stays)",
+            ["result"],
+            registry=r,
+        )
         self.messages_rejected = Counter(
             "bridge_messages_rejected_total",
             "Messages that could not be mapped, by reason (each dead-lettered)",
@@ -292,13 +305,22 @@ class Metrics:
             "bridge_devices_seen", "Distinct devices seen since start", registry=r
         )
 
-    def precreate(self, *, routes: list[str], reasons: tuple[str, ...]) -> None:
+    def precreate(
+        self,
+        *,
+        routes: list[str],
+        reasons: tuple[str, ...],
+        skip_reasons: tuple[str, ...] = (),
+    ) -> None:
         """Create the labelled series known at start at zero."""
         for route in [*routes, "none"]:
             self.messages_received.labels(route)
         for reason in reasons:
             self.messages_rejected.labels(reason)
-        self.messages_skipped.labels("retained_replay")
+        for reason in ("retained_replay", *skip_reasons):
+            self.messages_skipped.labels(reason)
+        for result in ("ok", "failed"):
+            self.registry_reloads.labels(result)
         for condition in ("mqtt", "spool", "cloud"):
             self.not_ready.labels(condition).set(0)
         for source in ("mapping", "cloud"):

@@ -21,10 +21,12 @@ from typing import Protocol
 from bridge.errors import MappingError, SpoolError
 from bridge.intake.mapping import Mapper
 from bridge.intake.mqtt import AckToken, Received
+from bridge.intake.registry import Registry
+from bridge.intake.sparkplug_route import SparkplugIntake
 from bridge.logs import Throttled
 from bridge.models import Inbound, Reading
 from bridge.push.feeder import Feeder
-from bridge.spool.store import Reject
+from bridge.spool.store import AliasRow, Reject
 from bridge.spool.thread import SpoolThread
 from bridge.stage import Finished
 from bridge.telemetry import Metrics
@@ -66,6 +68,15 @@ class _Pending:
     token: AckToken | None
     readings: list[Reading]
     reject: Reject | None
+    aliases: list[AliasRow] | None = None
+
+
+class _WithAliases(MappingError):
+    """A rejected Sparkplug message whose alias changes are still to be kept (a birth)."""
+
+    def __init__(self, error: MappingError, aliases: list[AliasRow]) -> None:
+        super().__init__(error.reason, error.detail)
+        self.aliases = aliases
 
 
 class Ingest:
@@ -82,6 +93,9 @@ class Ingest:
         high_water: pending messages at which reading is paused.
         silent_after_secs: a device that sent nothing for this long counts as silent.
         max_tracked_devices: most devices whose last reading time is remembered.
+        sparkplug: maps the messages of the Sparkplug B routes (before ``mapper``).
+        registry: maps the deviceIds the routes produced to the ones pushed; replaced as a
+            whole on SIGHUP (:attr:`registry`).
     """
 
     def __init__(
@@ -96,8 +110,13 @@ class Ingest:
         high_water: int,
         silent_after_secs: float = 300.0,
         max_tracked_devices: int = 100_000,
+        sparkplug: SparkplugIntake | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self._mapper = mapper
+        self._sparkplug = sparkplug or None
+        self.registry = registry
+        """The device registry in use (swapped whole, by the loop, when re-read)."""
         self._spool = spool
         self._feeder = feeder
         self._source = source
@@ -137,7 +156,10 @@ class Ingest:
         """Map one message and queue it for the next commit."""
         # Counted here in plain ints and added to the metrics once per commit: a Prometheus
         # counter takes a lock on every inc(), too dear per message at these rates.
-        route = self._mapper.route_of(inbound.topic)
+        sparkplug = self._sparkplug
+        route = (sparkplug.route_of(inbound.topic) if sparkplug else None) or (
+            self._mapper.route_of(inbound.topic)
+        )
         self._received_counts[route] = self._received_counts.get(route, 0) + 1
         if inbound.dup:
             self._dup_count += 1
@@ -146,15 +168,26 @@ class Ingest:
             self._metrics.messages_skipped.labels("retained_replay").inc()
             self._pending.append(_Pending(token, [], None))
             return
+        aliases: list[AliasRow] | None = None
         try:
-            readings = self._map(inbound)
-            item = _Pending(token, readings, None)
+            if sparkplug is not None:
+                readings, aliases = self._map_sparkplug(inbound, sparkplug)
+            else:
+                readings = self._map(inbound)
+            if readings is None:
+                self._pending.append(_Pending(token, [], None, aliases))
+                return
+            if self.registry is not None:
+                readings = self.registry.apply(readings)
+            item = _Pending(token, readings, None, aliases)
             seen = self.last_seen
             for reading in readings:
                 key = (reading.device_type, reading.device_id)
                 if key in seen or len(seen) < self._max_tracked:
                     seen[key] = inbound.received_at
         except MappingError as exc:
+            if isinstance(exc, _WithAliases):
+                aliases = exc.aliases
             self._metrics.messages_rejected.labels(exc.reason).inc()
             self._log_reject(inbound, exc)
             payload = inbound.payload
@@ -165,8 +198,37 @@ class Ingest:
                 token,
                 [],
                 Reject(inbound.topic, payload, exc.reason, exc.detail, inbound.received_at),
+                aliases,
             )
         self._pending.append(item)
+
+    def _map_sparkplug(
+        self, inbound: Inbound, sparkplug: SparkplugIntake
+    ) -> tuple[list[Reading] | None, list[AliasRow] | None]:
+        """Map through the Sparkplug routes when one takes the topic, else the mapper.
+
+        Returns:
+            The readings (``None``: the message is not a reading, counted as skipped) and the
+            alias changes to commit with the message.
+
+        Raises:
+            MappingError: the message is dead-lettered.
+        """
+        if inbound.oversized or not inbound.topic.startswith(b"spBv1.0/"):
+            return self._map(inbound), None
+        try:
+            outcome = sparkplug.map(inbound.topic, inbound.payload, inbound.received_at)
+        except Exception as exc:
+            log.exception("mapping failed unexpectedly; message dead-lettered")
+            raise MappingError("mapping_failed", f"{type(exc).__name__}: {exc}"[:300]) from exc
+        if outcome is None:
+            return self._map(inbound), None
+        if outcome.error is not None:
+            raise _WithAliases(outcome.error, outcome.aliases)
+        if outcome.skipped is not None:
+            self._metrics.messages_skipped.labels(outcome.skipped).inc()
+            return None, outcome.aliases
+        return outcome.readings, outcome.aliases
 
     def _map(self, inbound: Inbound) -> list[Reading]:
         if inbound.oversized:
@@ -226,8 +288,9 @@ class Ingest:
             chunk = self._pending[: self._commit_max]
             readings = [r for p in chunk for r in p.readings]
             rejects = [p.reject for p in chunk if p.reject is not None]
+            aliases = [a for p in chunk if p.aliases for a in p.aliases]
             try:
-                rows = await self._spool.put(readings, rejects)
+                rows = await self._spool.put(readings, rejects, aliases)
             except SpoolError:
                 # Full or failing: the spool reports it (readiness, metrics, log); the messages
                 # stay unacknowledged, with the broker, until a commit succeeds.

@@ -714,7 +714,12 @@ class Mapper:
             self._tz = ZoneInfo(timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ConfigError("timezone", f"unknown IANA timezone {timezone!r}") from exc
-        self._matchers = tuple(_Matcher(r, f"routes[{i}]") for i, r in enumerate(routes))
+        self._matchers = tuple(
+            _Matcher(r, f"routes[{i}]")
+            for i, r in enumerate(routes)
+            # Sparkplug B routes are mapped by bridge.intake.sparkplug_route (stateful).
+            if r.format is not PayloadFormat.SPARKPLUG_B
+        )
         self._subscriptions = [route.subscription for route in routes]
         self._max_payload_bytes = max_payload_bytes
         self._max_points = max_points

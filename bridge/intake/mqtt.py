@@ -242,6 +242,17 @@ class MqttSource:
             self._metrics.readings_redelivered.inc(len(tokens) - sent)
         return sent
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 0 on the session (a Sparkplug rebirth request); returns whether it
+        was sent, which it is not while the session is down."""
+        if not self._session_up:
+            return False
+        try:
+            info = self._client.publish(topic, payload, qos=0)
+        except ValueError:
+            return False  # a topic paho refuses (wildcards, too long)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
     async def receive(self) -> list[Received]:
         """Every message received since the last call, oldest first; waits for at least one."""
         while not self._inbox:

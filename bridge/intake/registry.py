@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from bridge.config import RegistrySettings, RegistryUnknown
 from bridge.errors import ConfigError, MappingError
 from bridge.models import Reading
 
@@ -80,6 +81,17 @@ class Registry:
                 "registry.file", f"{path} is not UTF-8 text (byte {exc.start})"
             ) from None
         return cls(_parse(text, path), reject_unknown=reject_unknown, path=path)
+
+    @classmethod
+    def from_settings(cls, settings: RegistrySettings) -> Registry | None:
+        """Read the configured ``registry.file``; ``None`` when there is none.
+
+        Raises:
+            ConfigError: as :meth:`load`.
+        """
+        if settings.file is None:
+            return None
+        return cls.load(settings.file, reject_unknown=settings.unknown is RegistryUnknown.REJECT)
 
     def apply(self, readings: Sequence[Reading]) -> list[Reading]:
         """The readings with their deviceId (and device type) as the registry says.

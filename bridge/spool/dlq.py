@@ -8,7 +8,8 @@ dead-letter budgets are kept by the database itself (triggers), so they stay rig
 
 * ``list``    one JSON line per entry, newest first (filters: reason, source, topic, time);
 * ``show ID`` one entry in full, payload as text (or base64 when it is not UTF-8);
-* ``replay``  maps ``mapping`` entries again with the *current* routes (after a config fix) and
+* ``replay``  maps ``mapping`` entries again with the *current* routes and device registry
+  (after a config fix; Sparkplug B messages with the alias tables the spool holds now) and
   re-queues ``cloud`` entries as they were; what maps is moved into the spool, what still fails
   stays with its new reason. ``--dry-run`` only reports;
 * ``purge``   deletes the matching entries (``--yes`` required).
@@ -29,6 +30,8 @@ import orjson
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError, MappingError
 from bridge.intake.mapping import Mapper
+from bridge.intake.registry import Registry
+from bridge.intake.sparkplug_route import SparkplugIntake
 from bridge.models import Reading
 from bridge.spool.store import DeadLetterFilter, DeadLetterRow, SpoolStore
 
@@ -152,6 +155,11 @@ def _replay(
     mapper = Mapper(
         settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
     )
+    registry = Registry.from_settings(settings.registry)
+    # The running bridge owns the alias tables: births replayed here change this copy only.
+    sparkplug = SparkplugIntake(settings.routes, settings.timezone)
+    if sparkplug:
+        sparkplug.load(spool.sparkplug_aliases())
     moved: list[tuple[int, list[Reading]]] = []
     still: list[tuple[int, str, str]] = []
     for row in rows:
@@ -166,10 +174,18 @@ def _replay(
             )
             moved.append((row.id, [reading]))
             continue
+        topic, payload = (row.topic or "").encode(), row.payload or b""
+        at = row.received_at or time.time()
         try:
-            readings = mapper.map(
-                (row.topic or "").encode(), row.payload or b"", row.received_at or time.time()
-            )
+            outcome = sparkplug.map(topic, payload, at) if sparkplug else None
+            if outcome is None:
+                readings = mapper.map(topic, payload, at)
+            elif outcome.error is not None:
+                raise outcome.error
+            else:
+                readings = outcome.readings  # none when it is not a reading: it goes too
+            if registry is not None:
+                readings = registry.apply(readings)
         except MappingError as exc:
             still.append((row.id, exc.reason, exc.detail))
             continue

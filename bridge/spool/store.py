@@ -34,6 +34,7 @@ from bridge.models import Reading, SpooledReading
 __all__ = [
     "DEAD_LETTER_SOURCES",
     "SCHEMA_VERSION",
+    "AliasRow",
     "Committed",
     "DeadLetter",
     "DeadLetterFilter",
@@ -43,8 +44,12 @@ __all__ = [
     "SpoolStore",
 ]
 
-SCHEMA_VERSION: Final = 2
-"""1: readings, dead_letters, meta. 2: dead_letter_usage kept by triggers."""
+SCHEMA_VERSION: Final = 3
+"""1: readings, dead_letters, meta. 2: dead_letter_usage kept by triggers. 3: sparkplug_aliases."""
+
+AliasRow = tuple[str, int | None, str, int]
+"""One change to a Sparkplug edge node's alias table: (edge node, alias, metric name, data
+type); an alias of ``None`` resets the node's table (an NBIRTH)."""
 
 DEAD_LETTER_SOURCES: Final = ("mapping", "cloud")
 """``mapping``: a message that could not be mapped; ``cloud``: a reading the cloud refused."""
@@ -88,6 +93,13 @@ CREATE TABLE IF NOT EXISTS dead_letter_usage (
     entries INTEGER NOT NULL,
     bytes   INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sparkplug_aliases (
+    edge     TEXT    NOT NULL,   -- '<group>/<edge node>'
+    alias    INTEGER NOT NULL,
+    name     TEXT    NOT NULL,
+    datatype INTEGER NOT NULL,
+    PRIMARY KEY (edge, alias)
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS dead_letter_added AFTER INSERT ON dead_letters BEGIN
     UPDATE dead_letter_usage SET entries = entries + 1, bytes = bytes + {_DEAD_SIZE.format(r="NEW")}
     WHERE source = NEW.source;
@@ -409,6 +421,8 @@ class SpoolStore:
         delivered: Sequence[int] = (),
         dead: Sequence[DeadLetter] = (),
         mark_sent: Sequence[int] = (),
+        *,
+        aliases: Sequence[AliasRow] = (),
     ) -> Committed:
         """Apply one group of changes in a single transaction.
 
@@ -418,6 +432,7 @@ class SpoolStore:
             delivered: row ids the cloud accepted: deleted.
             dead: rows the cloud refused permanently: moved to the dead-letter table.
             mark_sent: row ids about to be pushed: flagged so a later resend is counted.
+            aliases: Sparkplug alias changes the committed messages made, in order.
 
         Returns:
             The new rows' ids, how many of ``mark_sent`` had been sent before, and how many
@@ -480,6 +495,8 @@ class SpoolStore:
                 ).rowcount
             if mark_sent:
                 done.already_sent = self._mark_sent(mark_sent)
+            if aliases:
+                self._change_aliases(aliases)
             if rejects:
                 done.evicted["mapping"] = self._evict_dead_letters("mapping")
             if dead:
@@ -507,6 +524,32 @@ class SpoolStore:
                 ],
             )
         return list(range(first, first + len(readings)))
+
+    def _change_aliases(self, changes: Sequence[AliasRow]) -> None:
+        """Apply alias changes in order (inside a transaction): births are rare, so one
+        statement per change is cheap."""
+        conn = self._conn
+        for edge, alias, name, datatype in changes:
+            if alias is None:
+                conn.execute("DELETE FROM sparkplug_aliases WHERE edge = ?", (edge,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO sparkplug_aliases (edge, alias, name, datatype)"
+                    " VALUES (?, ?, ?, ?)",
+                    (edge, alias, name, datatype),
+                )
+
+    def sparkplug_aliases(self) -> list[AliasRow]:
+        """Every stored Sparkplug alias, as changes that rebuild the tables (read at start)."""
+        try:
+            return [
+                (str(edge), int(alias), str(name), int(datatype))
+                for edge, alias, name, datatype in self._conn.execute(
+                    "SELECT edge, alias, name, datatype FROM sparkplug_aliases ORDER BY edge, alias"
+                )
+            ]
+        except sqlite3.Error as exc:
+            raise _sqlite_failure(self.path, exc) from exc
 
     def _evict_dead_letters(self, source: str) -> int:
         """Delete the oldest dead letters of ``source`` until it fits its budget."""

@@ -27,7 +27,7 @@ from bridge.errors import SpoolError, SpoolFullError
 from bridge.health import SPOOL_FULL, Health
 from bridge.logs import Throttled
 from bridge.models import Reading, SpooledReading
-from bridge.spool.store import Committed, DeadLetter, Reject, SpoolStats, SpoolStore
+from bridge.spool.store import AliasRow, Committed, DeadLetter, Reject, SpoolStats, SpoolStore
 from bridge.stage import Finished
 from bridge.telemetry import Metrics
 
@@ -47,6 +47,7 @@ class _Put:
     readings: Sequence[Reading]
     rejects: Sequence[Reject]
     future: asyncio.Future[list[SpooledReading]]
+    aliases: Sequence[AliasRow] = ()
 
 
 @dataclass(slots=True)
@@ -113,15 +114,19 @@ class SpoolThread:
     # -- requests ---------------------------------------------------------------------------
 
     def put(
-        self, readings: Sequence[Reading], rejects: Sequence[Reject]
+        self,
+        readings: Sequence[Reading],
+        rejects: Sequence[Reject],
+        aliases: Sequence[AliasRow] = (),
     ) -> asyncio.Future[list[SpooledReading]]:
-        """Store readings and dead letters; resolves with the stored rows once committed.
+        """Store readings, dead letters and the Sparkplug alias changes their messages made;
+        resolves with the stored rows once committed.
 
         The future fails with :class:`SpoolFullError` when there is no room, or with
         :class:`SpoolError` when the store failed (nothing stored either way).
         """
         fut: asyncio.Future[list[SpooledReading]] = asyncio.get_running_loop().create_future()
-        self._work.puts.append(_Put(readings, rejects, fut))
+        self._work.puts.append(_Put(readings, rejects, fut, aliases))
         self._wake.set()
         return fut
 
@@ -213,10 +218,11 @@ class SpoolThread:
         readings = [r for p in work.puts for r in p.readings]
         rejects = [j for p in work.puts for j in p.rejects]
         marks = [rid for rids, _ in work.marks for rid in rids]
+        aliases = [a for p in work.puts for a in p.aliases]
         result = _Result()
         try:
             result.committed = self._store.commit(
-                readings, rejects, work.delivered, work.dead, marks
+                readings, rejects, work.delivered, work.dead, marks, aliases=aliases
             )
         except SpoolError as exc:
             result.put_error = exc
