@@ -224,3 +224,42 @@ def test_flow_functions_build_entries_and_a_request_the_stub_accepts() -> None:
     assert headers["x-acs-content-sha256"] == body_sha256
     canonical = canonical_request("POST", PUSH_PATH, {}, headers, names, body_sha256)
     assert signature("testsecret", string_to_sign(canonical)) == claimed
+
+
+def test_combine_ratios_and_table_print_both_systems() -> None:
+    """Test medians, totals, the bridge ÷ Node-RED ratios and the table rows."""
+    from bench.against import combine, ratios, table  # noqa: PLC0415 - keeps the header short
+
+    def run(rate: float, cpu: float, lost: int) -> dict[str, Any]:
+        return {
+            "readings_per_s": rate,
+            "consumer_cpu_s_per_100k": cpu,
+            "consumer_cpu_pct": 50.0,
+            "machine_busy_pct": 90.0,
+            "peak_rss_mb": 100.0 if cpu < 8 else 250.0,
+            "latency_ms": {"p50": 10.0, "p99": 20.0, "max": 30.0},
+            "lost": lost,
+            "duplicated": 0,
+        }
+
+    red = combine([run(1000, 10, 0), run(3000, 10, 0), run(2000, 10, 0)])
+    bridge = combine([run(3000, 5, 0), run(4000, 5, 1), run(5000, 5, 0)])
+    assert red["readings_per_s"] == 2000
+    assert red["runs_readings_per_s"] == [1000, 3000, 2000]
+    assert bridge["lost"] == 1
+    assert ratios(bridge, red) == {"readings_per_s": 2.0, "cpu_s_per_100k": 0.5, "peak_rss": 0.4}
+    lines = [
+        {
+            "scenario": "live",
+            "node_red": red,
+            "bridge": bridge,
+            "ratio_bridge_to_node_red": ratios(bridge, red),
+            "bare_paho_readings_per_s": 9000,
+        },
+        {"scenario": "spool", "node_red": None, "bridge": bridge},
+    ]
+    text = table(lines)
+    assert "| live | Node-RED | **2,000** (1,000 · 3,000 · 2,000) | 10.00 |" in text
+    assert "2.00x · 0.50x · 0.40x" in text
+    assert "| live | bare paho (counts only) | 9,000 |" in text
+    assert "| spool | Node-RED | n/a (Node-RED has no spool) |" in text
