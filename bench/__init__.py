@@ -14,6 +14,8 @@ far faster than the bridge) and prints one JSON line per scenario:
   N bridges in one share group (``mqtt.share_group``), one line per N with each one's share.
 
 The same load also goes through a bare paho subscriber that only counts (:mod:`bench.bare`),
-in the same repetition, and ``ratio_bridge_to_bare`` relates the two. Results and how to read
-them: ``docs/performance.md``.
+in the same repetition, and ``ratio_bridge_to_bare`` relates the two. ``--against node-red``
+runs the same scenarios (plus ``throttled``) through a Node-RED 4 flow as well, interleaved with
+the bridge, and prints both and the ratio (:mod:`bench.against`, :mod:`bench.nodered`).
+Results and how to read them: ``docs/performance.md``.
 """

@@ -27,12 +27,15 @@ from typing import Any
 
 import yaml
 
+from bench import against as against_mod
+from bench import nodered
 from bench.profile import top_functions
 from bench.scenarios import Options, Scenarios
 
 SCENARIOS = ("live", "backlog", "spool", "fixed_rate", "slow_cloud")
 ON_REQUEST = ("replicas",)
 """Scenarios run only when named in ``--scenarios`` (``replicas``: one line per ``--replicas``)."""
+AGAINST_SCENARIOS = against_mod.SCENARIOS
 _SUMMED = ("lost", "duplicated")
 _DIGITS = {
     "ratio_bridge_to_bare": 3,
@@ -61,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS + ON_REQUEST)}"
-        f" (default: {','.join(SCENARIOS)})",
+        f" (default: {','.join(SCENARIOS)}; with --against: {','.join(AGAINST_SCENARIOS)})",
     )
     parser.add_argument(
         "--replicas",
@@ -118,6 +121,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also run one live (and one spool, if selected) repetition under py-spy; "
         "collapsed stacks into DIR, top functions printed",
+    )
+    parser.add_argument(
+        "--against",
+        choices=("node-red",),
+        default=None,
+        help="run the same scenarios through a Node-RED flow too, interleaved, and print both "
+        "and the ratio (installs node-red@4 with npm into ~/.cache/energy-bridge/node-red once; "
+        "scenarios: " + ",".join(AGAINST_SCENARIOS) + ")",
+    )
+    parser.add_argument(
+        "--publish-rate",
+        type=float,
+        default=30_000.0,
+        help="with --against: the generator's pace in readings/s for live, slow_cloud and "
+        "throttled, the same for every system (0: flat out; default %(default)g)",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep run files here")
     parser.add_argument(
@@ -253,8 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.readings, args.meters, args.spool_readings, args.repeat, args.connections) < 1:
         print("bench: sizes, --repeat and --connections must be at least 1", file=sys.stderr)
         return 2
+    known = AGAINST_SCENARIOS if args.against else SCENARIOS + ON_REQUEST
+    if args.against and args.scenarios == ",".join(SCENARIOS):
+        args.scenarios = ",".join(AGAINST_SCENARIOS)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(SCENARIOS + ON_REQUEST))
+    unknown = sorted(set(names) - set(known))
     if unknown:
         print(f"bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -291,6 +312,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = False
     started = time.monotonic()
     code = _bridge_code()
+    if args.against:
+        red_js = nodered.ensure_installed()
+        common["node_red"] = nodered.installed_version()
+        common["node"] = nodered.node_version()
+        common["publish_rate"] = args.publish_rate or None
+        runner = against_mod.Against(bench, publish_rate=args.publish_rate or None, red_js=red_js)
+        try:
+            lines = against_mod.run(
+                runner, sorted(names, key=AGAINST_SCENARIOS.index), args.repeat, _emit, common
+            )
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        failed = any(
+            (line[s] or {}).get("lost") or (line[s] or {}).get("duplicated")
+            for line in lines
+            for s in against_mod.SYSTEMS
+        )
+        print(against_mod.table(lines), flush=True)
+        return _finish(started, code, failed)
     try:
         for name in sorted(names, key=(SCENARIOS + ON_REQUEST).index):
             extra = dict(common)
@@ -336,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    return _finish(started, code, failed)
+
+
+def _finish(started: float, code: dict[str, Any], failed: bool) -> int:
+    """Print the machine line; return the exit status."""
     machine = _machine()
     machine["machine"]["bench_seconds"] = round(time.monotonic() - started)
     end_code = _bridge_code()
