@@ -86,10 +86,14 @@ def _check(args: argparse.Namespace) -> int:
         mapper = Mapper(
             settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
         )
+        route = mapper.route_of(topic.encode())
         try:
-            readings = mapper.map(topic.encode(), payload.encode(), time.time())
+            traced = mapper.explain(topic.encode(), payload.encode(), time.time())
         except MappingError as exc:
-            out["sample"] = {"rejected": {"reason": exc.reason, "detail": exc.detail}}
+            out["sample"] = {
+                "route": route,
+                "rejected": {"reason": exc.reason, "detail": exc.detail},
+            }
             status = 1
         else:
             from bridge.models import (  # noqa: PLC0415
@@ -99,13 +103,27 @@ def _check(args: argparse.Namespace) -> int:
             )
 
             bodies: dict[str, list[bytes]] = {}
-            for r in readings:
+            shown = []
+            for r, sources in traced:
+                shown.append(
+                    {
+                        "deviceType": r.device_type,
+                        "deviceId": r.device_id,
+                        "recordTime": r.record_time,
+                        "points": {
+                            name: {"value": value, "from": sources.get(name, "?")}
+                            for name, value in r.data.items()
+                        },
+                    }
+                )
                 device_id = None if r.device_type in NO_DEVICE_ID_TYPES else r.device_id
                 bodies.setdefault(r.device_type, []).append(
                     serialize_entry(device_id, r.record_time, r.data_json)
                 )
             out["sample"] = {
-                "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()]
+                "route": route,
+                "readings": shown,
+                "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()],
             }
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
     return status
@@ -143,7 +161,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--sample",
         nargs=2,
         metavar=("TOPIC", "PAYLOAD"),
-        help="print the push body this message would become, or why it is rejected",
+        help="print the readings this message would become (each point with the path it came"
+        " from) and their push body, or why it is rejected",
     )
     p.set_defaults(func=_check)
 

@@ -109,6 +109,39 @@ def test_check_sample_prints_the_push_body_with_exact_values() -> None:
     } == body
 
 
+def test_check_sample_shows_each_points_source_for_a_generic_route(tmp_path: Path) -> None:
+    """Test that `check --sample` lists the readings of a generic route with, for each point,
+    the path, sum or scale it came from."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "routes:\n"
+        "  - topic: gw/{deviceId}/data\n"
+        "    device_type: '1'\n"
+        "    records: meters\n"
+        "    device_id: addr\n"
+        "    points:\n"
+        "      Ua: Ua\n"
+        "      P: {path: ENERGY.Power, scale: '0.001'}\n"
+        "      Ep_imp: {sum: ['T[0]', 'T[1]']}\n",
+        encoding="utf-8",
+    )
+    payload = '{"meters": [{"addr": "a", "Ua": 230.10, "ENERGY": {"Power": 2635}, "T": [1.5, 2]}]}'
+
+    result = _cli("check", "--config", str(config), "--sample", "gw/g/data", payload)
+
+    assert 0 == result.returncode, result.stderr
+    (reading,) = json.loads(result.stdout)["sample"]["readings"]
+    assert {
+        "deviceType": "1",
+        "deviceId": "a",
+        "points": {
+            "Ua": {"value": "230.10", "from": "Ua"},
+            "P": {"value": "2.635", "from": "ENERGY.Power * 0.001"},
+            "Ep_imp": {"value": "3.5", "from": "sum(T[0], T[1])"},
+        },
+    } == {k: reading[k] for k in ("deviceType", "deviceId", "points")}
+
+
 def test_check_sample_reports_the_reject_reason_and_fails() -> None:
     """Test that a message that cannot be mapped gives its reason and a non-zero exit."""
     result = _cli("check", "--sample", "meters/1/m-1/telemetry", "not json")
