@@ -33,6 +33,7 @@ from bridge.health import Health, HealthServer
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import REASONS, Mapper
 from bridge.intake.mqtt import MqttSource
+from bridge.intake.presets import SKIP_REASONS
 from bridge.models import Batch
 from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
@@ -168,7 +169,9 @@ class App:
         )
         feeder = Feeder(spool=spool, batcher=batcher, queue=queue)
         mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
-        self.metrics.precreate(routes=[r.topic for r in s.routes], reasons=REASONS)
+        self.metrics.precreate(
+            routes=[t for r in s.routes for t in r.topics], reasons=REASONS, skips=SKIP_REASONS
+        )
         source = MqttSource(s.mqtt, mapper.subscriptions, self.metrics, self.health)
         ingest = Ingest(
             mapper=mapper,
@@ -226,6 +229,6 @@ class App:
                 "broker": f"{s.mqtt.host}:{s.mqtt.port}",
                 "endpoint": s.cloud.endpoint,
                 "spool": str(s.spool.path),
-                "routes": [r.topic for r in s.routes],
+                "routes": [t for r in s.routes for t in r.topics],
             },
         )

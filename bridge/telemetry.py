@@ -207,13 +207,16 @@ class Metrics:
             "bridge_devices_seen", "Distinct devices seen since start", registry=r
         )
 
-    def precreate(self, *, routes: list[str], reasons: tuple[str, ...]) -> None:
+    def precreate(
+        self, *, routes: list[str], reasons: tuple[str, ...], skips: tuple[str, ...] = ()
+    ) -> None:
         """Create the labelled series known at start at zero."""
         for route in [*routes, "none"]:
             self.messages_received.labels(route)
         for reason in reasons:
             self.messages_rejected.labels(reason)
-        self.messages_skipped.labels("retained_replay")
+        for skip in ("retained_replay", *skips):
+            self.messages_skipped.labels(skip)
         for condition in ("mqtt", "spool", "cloud"):
             self.not_ready.labels(condition).set(0)
         for source in ("mapping", "cloud"):

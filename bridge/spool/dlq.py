@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from bridge.config import Settings, load_settings
-from bridge.errors import ConfigError, MappingError
+from bridge.errors import ConfigError, MappingError, MessageSkipped
 from bridge.intake.mapping import Mapper
 from bridge.models import Reading
 from bridge.spool.store import DeadLetterFilter, DeadLetterRow, SpoolStore
@@ -173,6 +173,8 @@ def _replay(
         except MappingError as exc:
             still.append((row.id, exc.reason, exc.detail))
             continue
+        except MessageSkipped:
+            readings = []  # not a reading under today's routes: nothing to keep
         moved.append((row.id, readings))
     if not dry_run and (moved or still):
         spool.replay_dead_letters(moved, still)
