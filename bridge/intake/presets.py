@@ -430,7 +430,7 @@ PRESETS: Final[Mapping[str, Preset]] = {
         Preset("tasmota", ("tele/{deviceId}/#",), _tasmota, TASMOTA_POINTS),
         Preset(
             "shelly-gen2",
-            ("{deviceId}/status/#", "{deviceId}/events/rpc", "{deviceId}/online"),
+            ("{deviceId}/status/+", "{deviceId}/events/rpc", "{deviceId}/online"),
             _shelly_gen2,
             SHELLY_GEN2_POINTS,
         ),

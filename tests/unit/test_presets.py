@@ -220,7 +220,7 @@ def test_presets_home_assistant_discovery_is_metadata() -> None:
 def test_presets_route_without_topic_subscribes_to_the_presets_topics() -> None:
     """Test that a preset route without topic takes every default topic of the preset, and
     an explicit topic replaces them."""
-    assert ["+/status/#", "+/events/rpc", "+/online"] == _mapper("shelly-gen2").subscriptions
+    assert ["+/status/+", "+/events/rpc", "+/online"] == _mapper("shelly-gen2").subscriptions
     assert ["tele/+/#"] == _mapper("tasmota").subscriptions
     assert ["/sys/+/+/thing/event/property/#"] == _mapper("alink").subscriptions
     explicit = _mapper("tasmota", topic="{deviceId}/tele/SENSOR")
