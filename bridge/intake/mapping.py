@@ -17,6 +17,14 @@ Payload formats:
     (``"226.1"``) or an object ``{"value": 226.1, "ts": ...}`` (the time under ``time_key``,
     else ``ts``; other keys such as a unit are ignored).
 
+A JSON route with any of the generic keys (``records``, ``device_id``, ``time``,
+``time_format``, ``align_secs``, ``points``, ``ignore``, ``on_non_numeric``, ``on_bad_time``,
+``max_age_days``) is read by the generic mapping instead: the ``records`` path gives the records
+(default: the payload, an array being several), each record's device id, time and points are
+found by paths (:mod:`bridge.intake.paths`), named points are taken leniently (a missing, null
+or non-numeric value leaves its point out), sums and scales are exact. The flat route keeps its
+own code: it is the hot path. A preset is meant to be a set of defaults for these keys.
+
 Values become strings without losing or inventing digits: a JSON number keeps the exact text
 it was sent with, a JSON string passes through unchanged but must look like a finite decimal
 number (``-?digits[.digits][e[+-]digits]``, ASCII only, no spaces). ``null`` points are

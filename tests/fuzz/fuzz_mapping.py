@@ -16,7 +16,7 @@ from decimal import Decimal
 import atheris
 
 with atheris.instrument_imports():
-    from bridge.config import PayloadFormat, Route
+    from bridge.config import PayloadFormat, PointSource, Route
     from bridge.errors import MappingError
     from bridge.intake.mapping import REASONS, Mapper
 
@@ -31,6 +31,42 @@ ROUTES = [
         scale={"b": "0.001", "c": "1000"},
     ),
     Route(topic="plant/{deviceId}/data", device_type="1", scale={"Ep_imp": "0.001"}),
+    # The generic mapping: records, ids and times by path, named points, sums and scales.
+    Route(
+        topic="gw/{deviceId}/data",
+        device_type="1",
+        records="reported.meters",
+        device_id="addr",
+        time="timestamp",
+        time_format="%Y%m%d%H%M%S",
+        align_secs=60,
+        points={
+            "Ua": "Ua",
+            "Ia": "ENERGY.Current[0]",
+            "Ic": "ENERGY.Current[-1]",
+            "P": PointSource(path="ENERGY.Power", scale="0.001"),
+            "Ep_imp": PointSource(sum=["ENERGY.Total[0]", "ENERGY.Total[1]", '"em:0".t']),
+            "F": "$.f",
+        },
+        on_bad_time="receive_time",
+    ),
+    Route(
+        topic="all/meters",
+        device_type="1",
+        device_id="$.id",
+        time="$.ts",
+        max_age_days=30,
+        ignore=["state", "unit"],
+        on_non_numeric="skip",
+        renames={"a": "Ua"},
+    ),
+    Route(
+        topic="pp/{deviceId}/{point}",
+        device_type="1",
+        format=PayloadFormat.VALUE,
+        time="at",
+        align_secs=900,
+    ),
 ]
 TOPIC_PREFIXES = [
     b"meters/1/m-1/telemetry",
@@ -38,6 +74,9 @@ TOPIC_PREFIXES = [
     b"meters/1/m/Ua",
     b"inv/x",
     b"plant/p/data",
+    b"gw/g/data",
+    b"all/meters",
+    b"pp/m/Ua",
     b"",  # a topic from the input itself
 ]
 MAPPER = Mapper(ROUTES, "Asia/Shanghai", max_payload_bytes=4096, max_points=50, max_readings=20)
@@ -52,12 +91,15 @@ def check(data: bytes) -> None:
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
     try:
         readings = MAPPER.map(topic, payload, received_at)
+        traced = MAPPER.explain(topic, payload, received_at)
     except MappingError as exc:
         if exc.reason not in REASONS or len(exc.detail) > 400:
             raise AssertionError(f"unexpected rejection {exc.reason!r}: {exc.detail!r}") from exc
         return
     if not readings:
         raise AssertionError("no readings and no rejection")
+    if [r for r, _ in traced] != readings or any(set(r.data) != set(s) for r, s in traced):
+        raise AssertionError("explain() disagrees with map()")
     for reading in readings:
         if not reading.data or not reading.device_type.isdigit():
             raise AssertionError(f"bad reading {reading!r}")
