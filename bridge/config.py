@@ -266,7 +266,8 @@ class Route(_Section):
 
     Without any of the generic mapping keys (``records``, ``device_id``, ``time``, ``points``
     ...), a JSON payload is one flat object (or an array of them) whose every key but the time
-    is a point. A preset (``format: <name>``) is meant to be a set of defaults for these keys.
+    is a point. A preset (``format: <name>``) sets its own topics, records, ids, times and
+    points (:mod:`bridge.intake.presets`); ``points`` replaces its map, ``topic`` its topics.
     """
 
     format: PayloadFormat = PayloadFormat.JSON

@@ -23,7 +23,14 @@ A JSON route with any of the generic keys (``records``, ``device_id``, ``time``,
 (default: the payload, an array being several), each record's device id, time and points are
 found by paths (:mod:`bridge.intake.paths`), named points are taken leniently (a missing, null
 or non-numeric value leaves its point out), sums and scales are exact. The flat route keeps its
-own code: it is the hot path. A preset is meant to be a set of defaults for these keys.
+own code: it is the hot path.
+
+A preset (``format: tasmota`` ...) is such a route whose defaults come from
+:mod:`bridge.intake.presets`: its topics (a final ``#`` there takes any further levels), a hook
+that finds the records, their device ids and times and raises
+:class:`~bridge.errors.MessageSkipped` for the family's messages that are not readings, and a
+default map of points (each a list of candidate sources, the first that gives a number wins),
+replaced by the route's ``points`` when it has them.
 
 Values become strings without losing or inventing digits: a JSON number keeps the exact text
 it was sent with, a JSON string passes through unchanged but must look like a finite decimal
