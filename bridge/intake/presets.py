@@ -110,11 +110,12 @@ def _p(path: str, scale: str | None = None) -> Rule:
 
 
 def _phases(head: str, scale: str | None = None) -> tuple[Rule, ...]:
-    """The sum of a Tasmota array's phases (three, or two channels), else the scalar."""
+    """A Tasmota scalar, else the sum of its array's phases (three, or two channels); the
+    scalar first, as single-phase devices are the common case (an array is no number)."""
     return (
+        _p(head, scale),
         Rule(sum=(f"{head}[0]", f"{head}[1]", f"{head}[2]"), scale=scale),
         Rule(sum=(f"{head}[0]", f"{head}[1]"), scale=scale),
-        _p(head, scale),
     )
 
 
@@ -123,10 +124,10 @@ def _phases(head: str, scale: str | None = None) -> tuple[Rule, ...]:
 _TASMOTA_SKIPS: Final = {"LWT": "availability", "STATE": "device_state", "RESULT": "device_state"}
 
 TASMOTA_POINTS: Final[Mapping[str, tuple[Rule, ...]]] = {
-    "Ua": (_p("ENERGY.Voltage[0]"), _p("ENERGY.Voltage")),
+    "Ua": (_p("ENERGY.Voltage"), _p("ENERGY.Voltage[0]")),
     "Ub": (_p("ENERGY.Voltage[1]"),),
     "Uc": (_p("ENERGY.Voltage[2]"),),
-    "Ia": (_p("ENERGY.Current[0]"), _p("ENERGY.Current")),
+    "Ia": (_p("ENERGY.Current"), _p("ENERGY.Current[0]")),
     "Ib": (_p("ENERGY.Current[1]"),),
     "Ic": (_p("ENERGY.Current[2]"),),
     "P": _phases("ENERGY.Power", _KILO),
@@ -134,7 +135,7 @@ TASMOTA_POINTS: Final[Mapping[str, tuple[Rule, ...]]] = {
     "Q": _phases("ENERGY.ReactivePower", _KILO),
     "Ep_imp": _phases("ENERGY.Total"),
     "COSQ": (_p("ENERGY.Factor"),),  # single phase only: an array gives none
-    "F": (_p("ENERGY.Frequency[0]"), _p("ENERGY.Frequency")),
+    "F": (_p("ENERGY.Frequency"), _p("ENERGY.Frequency[0]")),
 }
 
 
