@@ -372,8 +372,13 @@ class Route(_Section):
         if value is not None:
             if not value:
                 raise ValueError("name at least one point, or leave points out")
-            if "" in value:
-                raise ValueError("a point name cannot be empty")
+            for name in value:
+                if not name or not name.isprintable():
+                    raise ValueError(f"point name {name!r} must be printable and not empty")
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"point name {name!r} is not valid Unicode") from None
         return value
 
     @model_validator(mode="before")
@@ -410,6 +415,17 @@ class Route(_Section):
         if self.time is not None and "time_key" in self.model_fields_set:
             raise ValueError("set time (a path) or time_key, not both")
         return self
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> Route:
+        """This route with ``defaults`` for the keys the user did not set: how a preset (a
+        device family's topic, records, id, time and points) becomes a route. Keys the user
+        set win; the result is validated like any route.
+
+        Raises:
+            pydantic.ValidationError: when the merged route is not valid.
+        """
+        merged = {**defaults, **self.model_dump(include=self.model_fields_set)}
+        return Route.model_validate(merged)
 
     @property
     def generic(self) -> bool:

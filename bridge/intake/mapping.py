@@ -114,6 +114,7 @@ MAX_DEVICE_ID: Final = 128
 _EXCERPT: Final = 60
 _MAX_SCALED_EXPONENT: Final = 1000  # bounds the length of format(d, "f") output
 _MAX_EXPONENT_DIGITS: Final = 6
+_MAX_SCALE_DIGITS: Final = 100  # a points scale factor: digits and magnitude
 _MAX_FORMATTED_TIME: Final = 64  # longer texts are not read with a route's time_format
 
 _NUMBER_TEXT: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
@@ -453,6 +454,13 @@ def _bounded(number: Decimal, point: str, text: str) -> Decimal:
     return number
 
 
+def _exact_decimal(text: str, point: str) -> Decimal:
+    """``text`` as a Decimal whose digits stay within what is converted exactly."""
+    if len(text) <= _MAX_SCALED_EXPONENT and "e" not in text and "E" not in text:
+        return Decimal(text)  # at most 1000 digits: in bounds without looking closer
+    return _bounded(Decimal(text), point, text)
+
+
 def _key_path(key: str) -> str:
     """``key`` written as a path: as it is when it is an identifier, else quoted."""
     if key.isascii() and key.isidentifier():
@@ -483,11 +491,75 @@ def _device_id_text(found: object, path: str) -> str | None:
     return text or None
 
 
-def _time_with_format(raw: object, fmt: str, tz: ZoneInfo) -> int | None:
+_FIXED_WIDTHS: Final = {"Y": 4, "m": 2, "d": 2, "H": 2, "M": 2, "S": 2}
+_FIELD_ORDER: Final = "YmdHMS"
+
+
+def _fixed_plan(fmt: str) -> tuple[int, tuple[tuple[int, int, int], ...], str] | None:
+    """For a format of only ``%Y %m %d %H %M %S`` and literal characters, its text length,
+    each field as (index into ``YmdHMS``, start, end), and the text with the fields blanked;
+    ``None`` for any other format (read by ``strptime``)."""
+    fields: list[tuple[int, int, int]] = []
+    template: list[str] = []
+    i = 0
+    while i < len(fmt):
+        char = fmt[i]
+        if char == "%":
+            directive = fmt[i + 1 : i + 2]
+            width = _FIXED_WIDTHS.get(directive)
+            if width is None:
+                return None
+            start = len(template)
+            fields.append((_FIELD_ORDER.index(directive), start, start + width))
+            template.extend(" " * width)
+            i += 2
+        else:
+            template.append(char)
+            i += 1
+    kinds = [kind for kind, _, _ in fields]
+    if len(set(kinds)) != len(kinds) or not {0, 1, 2, 3} <= set(kinds) or " " in fmt:
+        return None
+    return len(template), tuple(fields), "".join(template)
+
+
+def _fixed_fields(
+    text: str, plan: tuple[int, tuple[tuple[int, int, int], ...], str]
+) -> list[int] | None:
+    """The six date-time fields of ``text`` read by a fixed-width plan (``None``: no fit)."""
+    length, fields, template = plan
+    if len(text) != length or not text.isascii():
+        return None
+    values = [0, 0, 0, 0, 0, 0]
+    blanked = list(text)
+    for kind, start, end in fields:
+        part = text[start:end]
+        if not part.isdigit():
+            return None
+        values[kind] = int(part)
+        blanked[start:end] = " " * (end - start)
+    return values if "".join(blanked) == template else None
+
+
+def _time_with_format(
+    raw: object,
+    fmt: str,
+    tz: ZoneInfo,
+    plan: tuple[int, tuple[tuple[int, int, int], ...], str] | None = None,
+) -> int | None:
     """Epoch seconds of ``raw`` read with the ``strptime`` format ``fmt`` (naive times in
-    ``tz``); ``None`` when it does not fit the format."""
+    ``tz``); ``None`` when it does not fit the format. ``plan`` (:func:`_fixed_plan`) reads
+    fixed-width digit formats without ``strptime``, which is slow (other texts still go to
+    ``strptime``, which also takes fields written with fewer digits)."""
     if not isinstance(raw, str) or type(raw) is _Const or len(raw) > _MAX_FORMATTED_TIME:
         return None
+    values = None if plan is None else _fixed_fields(str(raw), plan)
+    if values is not None:
+        year, month, day, hour, minute, second = values
+        try:
+            ts = math.floor(datetime(year, month, day, hour, minute, second, tzinfo=tz).timestamp())
+        except (OverflowError, ValueError):
+            return None
+        return _checked(ts, raw)
     try:
         parsed = datetime.strptime(str(raw), fmt)
     except ValueError:
@@ -516,9 +588,10 @@ class _Spec:
         "time",
         "time_fallback",
         "time_format",
+        "time_plan",
     )
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, where: str) -> None:
         self.records = None if route.records is None else compile_path(route.records)
         self.device_id = None if route.device_id is None else compile_path(route.device_id)
         if route.time is not None:
@@ -528,6 +601,7 @@ class _Spec:
         # A value route without a time path falls back to "ts", as it always did.
         self.time_fallback = "ts" if route.time is None else None
         self.time_format = route.time_format
+        self.time_plan = None if route.time_format is None else _fixed_plan(route.time_format)
         self.align = route.align_secs or 0
         self.max_age = None if route.max_age_days is None else route.max_age_days * 86400
         self.receive_time_on_bad_time = route.on_bad_time is BadTime.RECEIVE_TIME
@@ -546,6 +620,12 @@ class _Spec:
             self.skip_non_numeric = True
             self.skip_keys = frozenset(route.ignore)
         if route.points is not None:
+            for name, source in route.points.items():
+                if source.scale is not None and not _scale_in_bounds(Decimal(source.scale)):
+                    raise ConfigError(
+                        f"{where}.points.{name}.scale",
+                        f"use a factor of at most {_MAX_SCALE_DIGITS} digits and magnitude",
+                    )
             self.points = tuple(
                 (name, (_candidate(source.path, source.sum, source.scale),))
                 for name, source in route.points.items()
@@ -556,6 +636,14 @@ class _Spec:
                 (name, tuple(_candidate(r.path, r.sum or None, r.scale) for r in rules))
                 for name, rules in table.items()
             )
+
+
+def _scale_in_bounds(scale: Decimal) -> bool:
+    """Whether a points scale factor's digits and magnitude keep products bounded."""
+    return (
+        abs(scale.adjusted()) <= _MAX_SCALE_DIGITS
+        and len(scale.as_tuple().digits) <= _MAX_SCALE_DIGITS
+    )
 
 
 _Candidate = tuple[tuple[JsonPath, ...], bool, Decimal | None, str]
@@ -611,7 +699,7 @@ class _Matcher:
         self.time_key = route.time_key
         self.renames = dict(route.renames)
         self.scale = {point: Decimal(factor) for point, factor in route.scale.items()}
-        self.spec = _Spec(route) if route.generic else None
+        self.spec = _Spec(route, where) if route.generic else None
         id_in_payload = route.device_id is not None or self.preset is not None
         if self.type_index < 0:
             if not (self.fixed_type.isascii() and self.fixed_type.isdigit()):
@@ -1024,6 +1112,11 @@ class Mapper:
         """A reading of the points found: route scales, the time by the route's rules,
         aligned (and held) when the route says so; traced for :meth:`explain`."""
         device_type, device_id = device
+        if len(data) > self._max_points:
+            raise MappingError(
+                "too_many_points",
+                f"record has {len(data)} points, more than the limit of {self._max_points}",
+            )
         if matcher.scale:
             _apply_scale(data, matcher.scale)
         ts = self._device_time(spec, raw_time, received_at)
@@ -1136,7 +1229,7 @@ class Mapper:
         try:
             ts = None
             if spec.time_format is not None:
-                ts = _time_with_format(raw, spec.time_format, self._tz)
+                ts = _time_with_format(raw, spec.time_format, self._tz, spec.time_plan)
             if ts is None:
                 ts = parse_time(raw, self._tz)
             if spec.max_age is not None and ts < received_at - spec.max_age:
@@ -1222,15 +1315,16 @@ def _point_value(name: str, candidate: _Candidate, record: dict[str, Any], root:
             text = _numeric_text(path.find(record, root))
             if text is None:
                 return None
-            number = _EXACT.add(number, _bounded(Decimal(text), name, text))
+            number = _EXACT.add(number, _exact_decimal(text, name))
     else:
         text = _numeric_text(paths[0].find(record, root))
         if text is None or scale is None:
             return text
-        number = _bounded(Decimal(text), name, text)
+        number = _exact_decimal(text, name)
     if scale is not None:
         number = _EXACT.multiply(number, scale)
-    return format(_bounded(number, name, str(number)), "f")
+    # Parts and factors are bounded (parts above, factors at config load): so is the result.
+    return format(number, "f")
 
 
 def _check_point_name(name: str) -> None:

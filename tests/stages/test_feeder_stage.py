@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
-from bridge.models import Batch
+from bridge.models import Batch, Reading
 from bridge.push.batching import Batcher
 from bridge.push.feeder import Feeder
 from bridge.spool.store import SpoolStore
 from bridge.spool.thread import SpoolThread
-from tests.stages.conftest import eventually, reading, running
+from tests.stages.conftest import T0, eventually, reading, reopened, running
 
 
 class FakeClock:
@@ -120,3 +122,30 @@ async def test_feeder_picks_up_rows_another_process_added(
         batches = await eventually(lambda: _drain(queue), message="the other process's rows")
 
     assert ids == batches
+
+
+async def test_feeder_held_readings_merge_and_go_out_at_shutdown(
+    spool: SpoolThread, spool_path: Path
+) -> None:
+    """Test that readings held for their aligned window (align_secs) wait past linger, merge
+    into one entry, and at shutdown are closed into the queue, their rows still in the spool
+    until delivered: nothing held is lost."""
+    clock = FakeClock()
+    feeder, queue = _feeder(spool, clock, linger=1.0)
+    held = [
+        Reading("1", "m-1", T0, "2021-09-08 18:40:00", points, 1000.0, hold_until=clock.now + 60)
+        for points in ({"Ua": "230.1"}, {"Ia": "1.5"})
+    ]
+    async with running(feeder, spool):
+        await asyncio.sleep(0.1)
+        rows = await spool.put(held, [])
+        feeder.offer(rows)
+        clock.now += 5.0  # past linger, not past the hold
+        await asyncio.sleep(0.2)
+        assert queue.empty(), "held until the aligned window has closed"
+        await feeder.stop(time.monotonic() + 5)
+        (batch,) = [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert [[row.rid for row in rows]] == batch.entry_rids
+    with reopened(spool_path) as store:
+        assert [row.rid for row in rows] == [row.rid for row in store.fetch_after(0, 10)]

@@ -4,8 +4,10 @@ scales, lenient values, time rules and aligned record times."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from bridge.config import PayloadFormat, Route, load_settings
 from bridge.errors import ConfigError, MappingError
-from bridge.intake.mapping import REASONS, Mapper
+from bridge.intake.mapping import REASONS, Mapper, _fixed_plan, _time_with_format
 from bridge.models import Reading
 
 NOW = 1_750_000_000.25  # 2025-06-15 23:06:40.25 in Asia/Shanghai
@@ -195,6 +197,20 @@ def test_generic_device_id_that_is_not_a_string_or_number_is_rejected(value: str
         "missing_device_id"
         == _reject(f'{{"id": {value}, "Ua": 1}}'.encode(), device_id="id").reason
     )
+
+
+def test_generic_too_many_points_is_rejected() -> None:
+    """Test that a record with more points than max_points is rejected, skipped keys aside."""
+    record = {f"p{i}": i for i in range(5)} | {"state": "ON"}
+    mapper = Mapper([_route(ignore=["state"])], "UTC", max_points=4)
+
+    with pytest.raises(MappingError) as info:
+        mapper.map(b"gw/g/data", json.dumps(record).encode(), NOW)
+    (reading,) = Mapper([_route(ignore=["state"])], "UTC", max_points=5).map(
+        b"gw/g/data", json.dumps(record).encode(), NOW
+    )
+
+    assert ("too_many_points", 5) == (info.value.reason, len(reading.data))
 
 
 def test_generic_device_id_too_long_is_rejected() -> None:
@@ -412,6 +428,8 @@ def test_generic_value_route_takes_time_rules_and_align() -> None:
         ({"points": {"E": {"path": "a", "sum": ["b"]}}}, "routes[0].points.E"),
         ({"points": {"E": {"path": "a", "scale": "x"}}}, "routes[0].points.E.scale"),
         ({"points": {}}, "routes[0].points"),
+        ({"points": {"": "a"}}, "routes[0].points"),
+        ({"points": {"U\ta": "a"}}, "routes[0].points"),
         ({"records": "a b"}, "routes[0].records"),
         ({"device_id": ""}, "routes[0].device_id"),
         ({"time": "$x"}, "routes[0].time"),
@@ -506,3 +524,64 @@ def test_generic_property_any_json_and_path_gives_readings_or_a_reason(
         assert reading.data
         assert 19 == len(reading.record_time)
         reading.data_json.decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    moment=st.datetimes(min_value=datetime(2000, 1, 2), max_value=datetime(2100, 12, 30)),
+    fmt=st.sampled_from(
+        ["%Y%m%d%H%M%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S", "%H%M%S%d%m%Y", "%Y%m%d%H%M%S%z"]
+    ),
+    mangle=st.sampled_from(["", "0", "x", "-1"]),
+)
+def test_generic_property_fixed_width_formats_read_as_strptime_does(
+    moment: datetime, fmt: str, mangle: str
+) -> None:
+    """Test that the fast reader of fixed-width digit formats agrees with strptime."""
+    tz = ZoneInfo("Asia/Shanghai")
+    text = moment.replace(tzinfo=UTC).strftime(fmt) + mangle
+    plan = _fixed_plan(fmt)
+
+    def read(use_plan: bool) -> object:
+        try:
+            return _time_with_format(text, fmt, tz, plan if use_plan else None)
+        except MappingError as exc:
+            return exc.reason
+
+    assert read(use_plan=False) == read(use_plan=True)
+
+
+def test_generic_config_scale_factor_too_large_is_refused() -> None:
+    """Test that a points scale beyond 100 digits of magnitude fails at load, naming it."""
+    route = _route(points={"P": {"path": "P", "scale": "1e-999"}})
+
+    with pytest.raises(ConfigError) as info:
+        Mapper([route], "UTC")
+
+    assert "routes[0].points.P.scale" == info.value.key
+
+
+def test_generic_route_defaults_express_a_preset() -> None:
+    """Test that a preset's defaults fill the keys a user left out, and the user's keys win
+    (a route's points replace the preset's map)."""
+    preset = {
+        "topic": "tele/{deviceId}/SENSOR",
+        "time": "Time",
+        "on_non_numeric": "skip",
+        "points": {"Ua": "ENERGY.Voltage", "P": {"path": "ENERGY.Power", "scale": "0.001"}},
+    }
+    user = Route.model_validate({"device_type": "1", "points": {"Ua": "ENERGY.Voltage[0]"}})
+
+    route = user.with_defaults(preset)
+    (reading,) = Mapper([route], "UTC").map(
+        b"tele/plug-1/SENSOR",
+        b'{"Time": "2018-02-15T17:37:10", "ENERGY": {"Voltage": [227, 228], "Power": 2635}}',
+        NOW,
+    )
+
+    assert ("tele/{deviceId}/SENSOR", "1") == (route.topic, route.device_type)
+    assert ("plug-1", 1518716230, {"Ua": "227"}) == (
+        reading.device_id,
+        reading.record_ts,
+        reading.data,
+    )
