@@ -166,8 +166,8 @@ class PayloadFormat(StrEnum):
 
     @property
     def preset(self) -> bool:
-        """Whether the format is a preset (``bridge.intake.presets``), not ``json``/``value``."""
-        return self not in {PayloadFormat.JSON, PayloadFormat.VALUE}
+        """Whether the format is one of the presets of :mod:`bridge.intake.presets`."""
+        return self.value in PRESETS
 
 
 class NonNumeric(StrEnum):

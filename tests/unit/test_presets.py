@@ -389,3 +389,10 @@ def test_presets_property_any_json_on_any_preset_topic_gives_readings_a_skip_or_
         assert reading.device_id
         assert 19 == len(reading.record_time)
         reading.data_json.decode()
+
+
+def test_presets_every_preset_is_a_format() -> None:
+    """Test that every preset can be named as a route's format, and only presets are."""
+    assert set(PRESETS) == {f.value for f in PayloadFormat if f.preset}
+    assert not PayloadFormat.JSON.preset
+    assert not PayloadFormat.VALUE.preset
