@@ -76,7 +76,8 @@ class Batcher:
         max_bytes: most body bytes per batch.
         window_secs: recordTime window of a partition.
         linger_secs: how long an open batch waits after its first reading.
-        max_pending: readings held in open batches before the oldest batches are closed early.
+        max_pending: readings held in open batches before the oldest batches are closed early
+            (in a held batch a reading merged into an existing entry does not count).
         clock: wall-clock seconds, the scale of ``Reading.received_at`` (injected for tests).
     """
 
@@ -132,11 +133,19 @@ class Batcher:
             # An upper bound: points overwritten by the merge are counted twice.
             entry.size += added
             batch.size += added
-        batch.readings += 1
         batch.hold_until = max(batch.hold_until, reading.hold_until)
-        self.pending += 1
+        # A reading merged into a held entry costs a row id and a few points, not a reading's
+        # memory: held windows count by entry, or partial messages of many meters would
+        # pass max_pending and be closed early, half merged.
+        counted = entry is None or not batch.hold_until
+        batch.readings += counted
+        self.pending += counted
         out: list[Batch] = []
-        if len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes:
+        # A held batch is not closed when full: it is split into requests when its window
+        # has closed (closing it early would send its entries half merged).
+        if not batch.hold_until and (
+            len(batch.entries) >= self.max_devices or batch.size >= self.max_bytes
+        ):
             out.extend(self._close(key))
         if self.pending > self.max_pending:
             out.extend(self._relieve())
@@ -179,6 +188,7 @@ class Batcher:
             key,
             [(e.serialize(), e.rids, e.received_ats) for e in batch.entries.values()],
             self.max_bytes,
+            self.max_devices,
         )
 
 
@@ -186,8 +196,10 @@ def split_entries(
     key: BatchKey,
     entries: list[tuple[bytes, list[int], list[float]]],
     max_bytes: int,
+    max_devices: int | None = None,
 ) -> list[Batch]:
-    """Pack serialized entries, in order, into batches whose body fits ``max_bytes``.
+    """Pack serialized entries, in order, into batches whose body fits ``max_bytes`` (and
+    that hold at most ``max_devices`` entries, when given).
 
     An entry larger than ``max_bytes`` on its own still goes out, alone: it cannot be split,
     and the service decides whether it is acceptable.
@@ -198,7 +210,9 @@ def split_entries(
     size = head
     for item in entries:
         extra = len(item[0]) + (1 if current else 0)
-        if current and size + extra > max_bytes:
+        if current and (
+            size + extra > max_bytes or (max_devices is not None and len(current) >= max_devices)
+        ):
             out.append(_make_batch(key, current))
             current, size = [], head
             extra = len(item[0])

@@ -752,3 +752,36 @@ def test_batching_held_readings_are_closed_on_flush() -> None:
     batcher.add(_held(1, {"Ua": "1"}, START + 3600))
 
     assert [[1]] == [b.rids for b in batcher.flush()]
+
+
+def test_batching_held_batch_is_not_closed_when_full_and_split_at_its_end() -> None:
+    """Test that a held batch past max_devices stays open (its entries would go out half
+    merged) and is split into requests of max_devices entries when its window closes."""
+    clock = FakeClock()
+    batcher = _batcher(clock, max_devices=2, linger_secs=1.0)
+    early: list[Batch] = []
+    for rid, device in enumerate(["a", "b", "c", "a", "b", "c"], start=1):
+        item = _item(rid, device, data={f"p{rid}": "1"}, received_at=START)
+        item.reading.hold_until = START + 60
+        early += batcher.add(item)
+    clock.advance(61)
+    batches = batcher.due()
+
+    assert [] == early
+    assert [[[1, 4], [2, 5]], [[3, 6]]] == [b.entry_rids for b in batches]
+    assert {"p1": "1", "p4": "1"} == json.loads(batches[0].entries[0])["data"]
+
+
+def test_batching_held_merges_do_not_count_as_pending() -> None:
+    """Test that readings merged into a held entry do not count towards max_pending, so the
+    partial messages of a window are not closed early under memory pressure."""
+    batcher = _batcher(max_pending=2)
+    closed: list[Batch] = []
+    for rid in range(1, 6):
+        item = _item(rid, "a", data={f"p{rid}": "1"}, received_at=START)
+        item.reading.hold_until = START + 60
+        closed += batcher.add(item)
+
+    assert ([], 1) == (closed, batcher.pending)
+    assert [[1, 2, 3, 4, 5]] == [b.rids for b in batcher.flush()]
+    assert 0 == batcher.pending
