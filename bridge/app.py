@@ -37,6 +37,7 @@ from bridge.health import Health, HealthServer
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import REASONS, Mapper
 from bridge.intake.mqtt import MqttSource
+from bridge.intake.presets import SKIP_REASONS as PRESET_SKIP_REASONS
 from bridge.intake.registry import Registry
 from bridge.intake.sparkplug_route import REJECT_REASONS, SKIP_REASONS, SparkplugIntake
 from bridge.models import Batch
@@ -248,12 +249,12 @@ class App:
         sparkplug = SparkplugIntake(s.routes, s.timezone, publish=request_rebirth)
         sparkplug.load(aliases)
         self.metrics.precreate(
-            routes=[
-                *(r.topic for r in s.routes if r.format is not PayloadFormat.SPARKPLUG_B),
-                *sparkplug.labels,
-            ],
+            routes=[*(t for r in s.routes for t in r.topics), *sparkplug.labels],
             reasons=(*REASONS, *REJECT_REASONS, "unknown_device"),
-            skip_reasons=SKIP_REASONS if sparkplug else (),
+            skip_reasons=(
+                *(PRESET_SKIP_REASONS if any(r.format.preset for r in s.routes) else ()),
+                *(SKIP_REASONS if sparkplug else ()),
+            ),
         )
         ingest = Ingest(
             mapper=mapper,
@@ -313,7 +314,10 @@ class App:
                 "broker": f"{s.mqtt.host}:{s.mqtt.port}",
                 "endpoint": s.cloud.endpoint,
                 "spool": str(s.spool.path),
-                "routes": [r.topic for r in s.routes],
+                "routes": [
+                    *(t for r in s.routes for t in r.topics),
+                    *(r.subscription for r in s.routes if r.format is PayloadFormat.SPARKPLUG_B),
+                ],
                 "client_id": s.mqtt.client_id,
                 "share_group": s.mqtt.share_group,
             },

@@ -13,7 +13,13 @@ from typing import Any
 import orjson
 
 from bridge import __version__
-from bridge.errors import BridgeError, ConfigError, CredentialsMalformedError, MappingError
+from bridge.errors import (
+    BridgeError,
+    ConfigError,
+    CredentialsMalformedError,
+    MappingError,
+    MessageSkipped,
+)
 
 __all__ = ["main"]
 
@@ -106,6 +112,11 @@ def _check(args: argparse.Namespace) -> int:
                 "rejected": {"reason": exc.reason, "detail": exc.detail},
             }
             status = 1
+        except MessageSkipped as exc:
+            out["sample"] = {
+                "route": route,
+                "skipped": {"reason": exc.reason, "detail": exc.detail},
+            }
         else:
             from bridge.models import (  # noqa: PLC0415
                 NO_DEVICE_ID_TYPES,

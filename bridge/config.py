@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +44,7 @@ from pydantic_settings import (
 
 from bridge.errors import ConfigError
 from bridge.intake.paths import PathError, compile_path
+from bridge.intake.presets import PRESETS
 
 __all__ = [
     "ENV_PREFIX",
@@ -81,6 +83,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
 _KNOWN_FIELDS = {"deviceType", "deviceId", "point"}
 HOSTNAME_PLACEHOLDER = "{hostname}"
 """In ``mqtt.client_id``, replaced by this machine's host name (a pod's name on Kubernetes)."""
+_PRESET_NAMES = frozenset(PRESETS)
 
 
 class _Section(BaseModel):
@@ -191,6 +194,29 @@ class PayloadFormat(StrEnum):
     SPARKPLUG_B = "sparkplug-b"
     """Sparkplug B protobuf on ``spBv1.0/<group>/<type>/<edge>[/<device>]`` (no ``topic``:
     the route subscribes to the namespace, or to ``sparkplug_group``)."""
+    TASMOTA = "tasmota"
+    """Preset: Tasmota ``tele/<topic>/SENSOR`` (``ENERGY``, arrays for three phases)."""
+    SHELLY_GEN2 = "shelly-gen2"
+    """Preset: Shelly Gen2/Gen3 meters (``status/em:0``, ``em1:N``, ``emdata:0``, NotifyStatus)."""
+    SHELLY_GEN1 = "shelly-gen1"
+    """Preset: Shelly Gen1 meters, one value per ``emeter/<i>/<quantity>`` topic."""
+    MBMD = "mbmd"
+    """Preset: mbmd, one value per ``<Measurement>[/L1]`` topic."""
+    ZIGBEE2MQTT = "zigbee2mqtt"
+    """Preset: zigbee2mqtt device state objects."""
+    VICTRON = "victron"
+    """Preset: Victron Venus OS ``N/<portal>/<service>/<instance>/<path>`` ``{"value": x}``."""
+    NEURON = "neuron"
+    """Preset: EMQX Neuron uploads (``values`` or ``tags[]``), tag names as points."""
+    ALINK = "alink"
+    """Preset: Alibaba Cloud IoT Alink property posts (single, batch, gateway pack)."""
+    THINGSBOARD = "thingsboard"
+    """Preset: ThingsBoard device telemetry and gateway telemetry, keys as points."""
+
+    @property
+    def preset(self) -> bool:
+        """Whether the format is one of the presets of :mod:`bridge.intake.presets`."""
+        return self.value in PRESETS
 
 
 class NonNumeric(StrEnum):
@@ -291,13 +317,16 @@ class Route(_Section):
 
     Without any of the generic mapping keys (``records``, ``device_id``, ``time``, ``points``
     ...), a JSON payload is one flat object (or an array of them) whose every key but the time
-    is a point. A preset (``format: <name>``) is meant to be a set of defaults for these keys.
+    is a point. A preset (``format: <name>``) sets its own topics, records, ids, times and
+    points (:mod:`bridge.intake.presets`); ``points`` replaces its map, ``topic`` its topics.
     """
 
-    topic: str = "meters/{deviceType}/{deviceId}/telemetry"
-    """Topic template; ``{deviceType}``, ``{deviceId}`` and ``{point}`` each take one level."""
     format: PayloadFormat = PayloadFormat.JSON
-    """Payload format."""
+    """Payload format: ``json``, ``value`` or a preset's name (``tasmota`` ...)."""
+    topic: str = "meters/{deviceType}/{deviceId}/telemetry"
+    """Topic template; ``{deviceType}``, ``{deviceId}`` and ``{point}`` each take one level.
+    A preset's route may use ``+`` for a level and a final ``#``; without ``topic`` it takes
+    the preset's topics."""
     device_type: str | None = None
     """Fixed device type for topics without ``{deviceType}``."""
     time_key: str = "ts"
@@ -362,7 +391,7 @@ class Route(_Section):
 
     @field_validator("topic")
     @classmethod
-    def _check_topic(cls, value: str) -> str:
+    def _check_topic(cls, value: str, info: ValidationInfo) -> str:
         names = _PLACEHOLDER.findall(value)
         unknown = set(names) - _KNOWN_FIELDS
         if unknown:
@@ -374,8 +403,16 @@ class Route(_Section):
         for level in value.split("/"):
             if ("{" in level or "}" in level) and not _PLACEHOLDER.fullmatch(level):
                 raise ValueError(f"placeholder must fill a whole topic level: {level!r}")
-            if level in {"+", "#"}:
-                raise ValueError("use {placeholders}, not MQTT wildcards, in a route template")
+        levels = value.split("/")
+        fmt = info.data.get("format")
+        if isinstance(fmt, PayloadFormat) and fmt.preset:
+            if "#" in levels[:-1]:
+                raise ValueError("'#' can only be the last level")
+        elif "+" in levels or "#" in levels:
+            raise ValueError(
+                "use {placeholders}, not MQTT wildcards, in a route template"
+                " (a preset's route may use + and a final #)"
+            )
         return value
 
     @field_validator("scale", mode="before")
@@ -422,9 +459,29 @@ class Route(_Section):
                     raise ValueError(f"point name {name!r} is not valid Unicode") from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_device_type(cls, value: object) -> object:
+        # A preset's default map is for type-1 points (electricity meters).
+        if (
+            isinstance(value, dict)
+            and value.get("format") in _PRESET_NAMES
+            and value.get("device_type") is None
+            and "{deviceType}" not in str(value.get("topic", ""))
+        ):
+            return {**value, "device_type": "1"}
+        return value
+
     @model_validator(mode="after")
     def _check_fields(self) -> Route:
         names = set(_PLACEHOLDER.findall(self.topic))
+        if self.format.preset:
+            for key in ("records", "device_id", "time"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key} does not apply to format {self.format.value!r}:"
+                        " the preset finds it (use points to choose values)"
+                    )
         if "deviceType" not in names and self.device_type is None:
             raise ValueError("topic has no {deviceType}: set device_type")
         if self.format is PayloadFormat.VALUE:
@@ -460,25 +517,42 @@ class Route(_Section):
 
     @property
     def generic(self) -> bool:
-        """Whether the route uses any of the generic mapping keys (else a JSON payload takes
-        the flat fast path)."""
+        """Whether the route uses any of the generic mapping keys or a preset (else a JSON
+        payload takes the flat fast path)."""
         optional = (self.records, self.device_id, self.time, self.time_format, self.align_secs,
                     self.points, self.max_age_days)  # fmt: skip
         return (
-            any(key is not None for key in optional)
+            self.format.preset
+            or any(key is not None for key in optional)
             or bool(self.ignore)
             or self.on_non_numeric is NonNumeric.SKIP
             or self.on_bad_time is BadTime.RECEIVE_TIME
         )
 
     @property
+    def topics(self) -> tuple[str, ...]:
+        """The route's topic templates: its ``topic``, or a preset's defaults when it has none;
+        none for ``sparkplug-b`` (its messages are read by the Sparkplug intake, not matched)."""
+        if self.format is PayloadFormat.SPARKPLUG_B:
+            return ()
+        if self.format.preset and "topic" not in self.model_fields_set:
+            return PRESETS[self.format.value].topics
+        return (self.topic,)
+
+    @property
     def subscription(self) -> str:
-        """The MQTT topic filter that covers this template."""
+        """The MQTT topic filter that covers this template (the first, for a preset)."""
+        return self.subscriptions[0]
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """The MQTT topic filters that cover the route's templates (``sparkplug-b``: the
+        Sparkplug namespace, or its ``sparkplug_group``)."""
         if self.format is PayloadFormat.SPARKPLUG_B:
             if self.sparkplug_group is None:
-                return "spBv1.0/#"
-            return f"spBv1.0/{self.sparkplug_group}/#"
-        return _PLACEHOLDER.sub("+", self.topic)
+                return ("spBv1.0/#",)
+            return (f"spBv1.0/{self.sparkplug_group}/#",)
+        return tuple(_PLACEHOLDER.sub("+", topic) for topic in self.topics)
 
 
 def _check_sparkplug(route: Route) -> None:

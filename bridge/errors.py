@@ -5,6 +5,7 @@
     BridgeError                   anything the bridge raises on purpose
     ├── ConfigError               bad configuration; names the offending key
     ├── MappingError              a message that cannot become readings; carries a reason code
+    ├── MessageSkipped            a preset's message that is not a reading (an LWT): counted
     ├── SpoolError                the local spool cannot do what was asked
     │   ├── SpoolFullError        spool.max_bytes reached or the disk is full
     │   └── SpoolLockedError      another energy-bridge runs on this spool
@@ -27,6 +28,7 @@ __all__ = [
     "CredentialsError",
     "CredentialsMalformedError",
     "MappingError",
+    "MessageSkipped",
     "SpoolError",
     "SpoolFullError",
     "SpoolLockedError",
@@ -56,6 +58,21 @@ class MappingError(BridgeError):
     Attributes:
         reason: a short stable code used as a metric label (``bad_json``, ``bad_time`` ...).
         detail: a human sentence saying what exactly is wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class MessageSkipped(BridgeError):
+    """A message on a preset's topics that is not a reading and needs none (a Tasmota
+    ``LWT``, a Shelly ``online``, Homie metadata): acknowledged and counted, not dead-lettered.
+
+    Attributes:
+        reason: a short stable code used as a metric label (``availability`` ...).
+        detail: a human sentence saying what the message was.
     """
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -146,8 +146,9 @@ class Metrics:
         )
         self.messages_skipped = Counter(
             "bridge_messages_skipped_total",
-            "Messages that are not readings and need none (retained copies seen before), by"
-            " reason; acknowledged, not dead-lettered",
+            "Messages that are not readings and need none (retained copies seen before, a"
+            " preset family's status, availability and metadata messages), by reason;"
+            " acknowledged, not dead-lettered",
             ["reason"],
             registry=r,
         )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.errors import MappingError, SpoolError
+from bridge.errors import MappingError, MessageSkipped, SpoolError
 from bridge.intake.mapping import Mapper
 from bridge.intake.mqtt import AckToken, Received
 from bridge.intake.registry import Registry
@@ -185,6 +185,10 @@ class Ingest:
                 key = (reading.device_type, reading.device_id)
                 if key in seen or len(seen) < self._max_tracked:
                     seen[key] = inbound.received_at
+        except MessageSkipped as exc:
+            # A preset's message that is not a reading (an LWT): acknowledged, counted.
+            self._metrics.messages_skipped.labels(exc.reason).inc()
+            item = _Pending(token, [], None)
         except MappingError as exc:
             if isinstance(exc, _WithAliases):
                 aliases = exc.aliases
@@ -239,7 +243,7 @@ class Ingest:
             )
         try:
             return self._mapper.map(inbound.topic, inbound.payload, inbound.received_at)
-        except MappingError:
+        except (MappingError, MessageSkipped):
             raise
         except Exception as exc:
             # A bug, not bad input; still only this message is set aside, never the loop

@@ -23,7 +23,14 @@ A JSON route with any of the generic keys (``records``, ``device_id``, ``time``,
 (default: the payload, an array being several), each record's device id, time and points are
 found by paths (:mod:`bridge.intake.paths`), named points are taken leniently (a missing, null
 or non-numeric value leaves its point out), sums and scales are exact. The flat route keeps its
-own code: it is the hot path. A preset is meant to be a set of defaults for these keys.
+own code: it is the hot path.
+
+A preset (``format: tasmota`` ...) is such a route whose defaults come from
+:mod:`bridge.intake.presets`: its topics (a final ``#`` there takes any further levels), a hook
+that finds the records, their device ids and times and raises
+:class:`~bridge.errors.MessageSkipped` for the family's messages that are not readings, and a
+default map of points (each a list of candidate sources, the first that gives a number wins),
+replaced by the route's ``points`` when it has them.
 
 Values become strings without losing or inventing digits: a JSON number keeps the exact text
 it was sent with, a JSON string passes through unchanged but must look like a finite decimal
@@ -64,8 +71,9 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bridge.config import BadTime, NonNumeric, PayloadFormat, Route
-from bridge.errors import ConfigError, MappingError
+from bridge.errors import ConfigError, MappingError, MessageSkipped
 from bridge.intake.paths import JsonPath, compile_path
+from bridge.intake.presets import PRESETS, Message
 from bridge.models import NO_DEVICE_ID_TYPES, Reading
 
 __all__ = ["REASONS", "Mapper", "Traced", "format_record_time", "parse_time"]
@@ -149,6 +157,23 @@ def _loads(text: str) -> Any:
 
 
 _DECODER: Final = json.JSONDecoder(parse_float=_Num, parse_int=_Num, parse_constant=_Const).decode
+
+
+def _decode(payload: bytes) -> Any:
+    """The payload as JSON, every number kept as its exact text.
+
+    Raises:
+        MappingError: ``empty_payload``, ``bad_encoding`` or ``bad_json``.
+    """
+    if not payload:
+        raise MappingError("empty_payload", "payload is empty")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MappingError(
+            "bad_encoding", f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
+    return _loads(text)
 
 
 def _clip(text: str) -> str:
@@ -589,27 +614,49 @@ class _Spec:
                 if isinstance(first, str):
                     skip.add(first)
         self.skip_keys = frozenset(skip)
-        self.points: tuple[tuple[str, tuple[JsonPath, ...], bool, Decimal | None, str], ...]
-        self.points = ()
+        self.points: tuple[tuple[str, tuple[_Candidate, ...]], ...] = ()
+        if route.format.preset:
+            # Non-numeric values are never a reason to reject; the hook finds id and time.
+            self.skip_non_numeric = True
+            self.skip_keys = frozenset(route.ignore)
         if route.points is not None:
-            rules = []
             for name, source in route.points.items():
-                texts = source.sum if source.sum is not None else [source.path or ""]
-                described = texts[0] if source.sum is None else f"sum({', '.join(texts)})"
-                scale = None if source.scale is None else Decimal(source.scale)
-                if scale is not None and (
-                    abs(scale.adjusted()) > _MAX_SCALE_DIGITS
-                    or len(scale.as_tuple().digits) > _MAX_SCALE_DIGITS
-                ):
+                if source.scale is not None and not _scale_in_bounds(Decimal(source.scale)):
                     raise ConfigError(
                         f"{where}.points.{name}.scale",
                         f"use a factor of at most {_MAX_SCALE_DIGITS} digits and magnitude",
                     )
-                if scale is not None:
-                    described += f" * {source.scale}"
-                paths = tuple(compile_path(text) for text in texts)
-                rules.append((name, paths, source.sum is not None, scale, described))
-            self.points = tuple(rules)
+            self.points = tuple(
+                (name, (_candidate(source.path, source.sum, source.scale),))
+                for name, source in route.points.items()
+            )
+        elif route.format.preset:
+            table = PRESETS[route.format.value].points or {}
+            self.points = tuple(
+                (name, tuple(_candidate(r.path, r.sum or None, r.scale) for r in rules))
+                for name, rules in table.items()
+            )
+
+
+def _scale_in_bounds(scale: Decimal) -> bool:
+    """Whether a points scale factor's digits and magnitude keep products bounded."""
+    return (
+        abs(scale.adjusted()) <= _MAX_SCALE_DIGITS
+        and len(scale.as_tuple().digits) <= _MAX_SCALE_DIGITS
+    )
+
+
+_Candidate = tuple[tuple[JsonPath, ...], bool, Decimal | None, str]
+"""One source of a point: its paths, whether they are summed, the factor, its description."""
+
+
+def _candidate(path: str | None, parts: Sequence[str] | None, scale: str | None) -> _Candidate:
+    texts = list(parts) if parts is not None else [path or ""]
+    described = texts[0] if parts is None else f"sum({', '.join(texts)})"
+    factor = None if scale is None else Decimal(scale)
+    if scale is not None:
+        described += f" * {scale}"
+    return (tuple(compile_path(text) for text in texts), parts is not None, factor, described)
 
 
 class _Matcher:
@@ -622,21 +669,28 @@ class _Matcher:
         "levels",
         "literals",
         "point_index",
+        "preset",
         "renames",
         "scale",
         "spec",
+        "tail",
         "template",
         "time_key",
         "type_index",
     )
 
-    def __init__(self, route: Route, where: str) -> None:
-        parts = route.topic.split("/")
-        self.template = route.topic
+    def __init__(self, route: Route, topic: str, where: str) -> None:
+        parts = topic.split("/")
+        self.template = topic
+        # A final "#" (presets only) takes any number of further levels, none included.
+        self.tail = parts[-1] == "#"
+        if self.tail:
+            parts.pop()
         self.levels = len(parts)
         self.literals = tuple(
-            (i, level) for i, level in enumerate(parts) if not level.startswith("{")
+            (i, level) for i, level in enumerate(parts) if level[:1] != "{" and level != "+"
         )
+        self.preset = PRESETS[route.format.value] if route.format.preset else None
         self.type_index = parts.index("{deviceType}") if "{deviceType}" in parts else -1
         self.id_index = parts.index("{deviceId}") if "{deviceId}" in parts else -1
         self.point_index = parts.index("{point}") if "{point}" in parts else -1
@@ -646,7 +700,7 @@ class _Matcher:
         self.renames = dict(route.renames)
         self.scale = {point: Decimal(factor) for point, factor in route.scale.items()}
         self.spec = _Spec(route, where) if route.generic else None
-        id_in_payload = route.device_id is not None
+        id_in_payload = route.device_id is not None or self.preset is not None
         if self.type_index < 0:
             if not (self.fixed_type.isascii() and self.fixed_type.isdigit()):
                 raise ConfigError(f"{where}.device_type", "must be a string of digits, e.g. '1'")
@@ -715,12 +769,12 @@ class Mapper:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ConfigError("timezone", f"unknown IANA timezone {timezone!r}") from exc
         self._matchers = tuple(
-            _Matcher(r, f"routes[{i}]")
-            for i, r in enumerate(routes)
-            # Sparkplug B routes are mapped by bridge.intake.sparkplug_route (stateful).
-            if r.format is not PayloadFormat.SPARKPLUG_B
+            _Matcher(route, topic, f"routes[{i}]")
+            for i, route in enumerate(routes)
+            # Sparkplug B routes have no templates: bridge.intake.sparkplug_route maps them.
+            for topic in route.topics
         )
-        self._subscriptions = [route.subscription for route in routes]
+        self._subscriptions = [sub for route in routes for sub in route.subscriptions]
         self._max_payload_bytes = max_payload_bytes
         self._max_points = max_points
         self._max_readings = max_readings
@@ -730,7 +784,7 @@ class Mapper:
 
     @property
     def subscriptions(self) -> list[str]:
-        """MQTT topic filters, one per route, each placeholder replaced by ``+``."""
+        """MQTT topic filters, one per route template, each placeholder replaced by ``+``."""
         return list(self._subscriptions)
 
     def route_of(self, topic: bytes) -> str:
@@ -759,6 +813,8 @@ class Mapper:
 
         Raises:
             MappingError: with a reason from :data:`REASONS` when the message cannot be mapped.
+            MessageSkipped: when a preset's message is not a reading (with a reason from
+                :data:`~bridge.intake.presets.SKIP_REASONS`).
         """
         resolved = self._topic_cache.get(topic)
         if resolved is None:
@@ -770,15 +826,10 @@ class Mapper:
                 f"payload has {len(payload)} bytes, more than the limit of"
                 f" {self._max_payload_bytes}",
             )
-        if not payload:
-            raise MappingError("empty_payload", "payload is empty")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MappingError(
-                "bad_encoding", f"payload is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from None
-        doc = _loads(text)
+        if matcher.preset is not None:
+            return self._preset_readings(matcher, device_type, device_id, topic, payload,
+                                         received_at)  # fmt: skip
+        doc = _decode(payload)
         if not matcher.is_json:
             return [self._value_reading(resolved, doc, received_at)]
         if matcher.spec is not None:
@@ -815,9 +866,10 @@ class Mapper:
 
         Raises:
             MappingError: as :meth:`map`.
+            MessageSkipped: as :meth:`map`.
         """
         matcher = (self._topic_cache.get(topic) or self._resolve(topic))[0]
-        if matcher.is_json and matcher.spec is not None:
+        if matcher.spec is not None and (matcher.is_json or matcher.preset is not None):
             self._trace = []
             try:
                 self.map(topic, payload, received_at)
@@ -847,7 +899,7 @@ class Mapper:
         levels = text.split("/")
         count = len(levels)
         for matcher in self._matchers:
-            if matcher.levels != count:
+            if matcher.levels != count and not (matcher.tail and count > matcher.levels):
                 continue
             for index, literal in matcher.literals:
                 if levels[index] != literal:
@@ -873,6 +925,7 @@ class Mapper:
             device_type not in NO_DEVICE_ID_TYPES
             and not device_id
             and (matcher.spec is None or matcher.spec.device_id is None)
+            and matcher.preset is None
         ):
             raise MappingError(
                 "missing_device_id",
@@ -1042,6 +1095,24 @@ class Mapper:
             data = self._all_points(matcher, spec, record, sources)
         if not data:
             raise MappingError("no_points", "record has no data points with a value")
+        raw_time = spec.time.find(record, root)
+        return self._finish(
+            matcher, spec, (device_type, device_id), data, sources, raw_time, received_at
+        )
+
+    def _finish(  # noqa: PLR0917 - the parts of a reading
+        self,
+        matcher: _Matcher,
+        spec: _Spec,
+        device: tuple[str, str | None],
+        data: dict[str, str],
+        sources: dict[str, str],
+        raw_time: object,
+        received_at: float,
+    ) -> Reading:
+        """A reading of the points found: route scales, the time by the route's rules,
+        aligned (and held) when the route says so; traced for :meth:`explain`."""
+        device_type, device_id = device
         if len(data) > self._max_points:
             raise MappingError(
                 "too_many_points",
@@ -1049,7 +1120,7 @@ class Mapper:
             )
         if matcher.scale:
             _apply_scale(data, matcher.scale)
-        ts = self._device_time(spec, spec.time.find(record, root), received_at)
+        ts = self._device_time(spec, raw_time, received_at)
         hold_until = 0.0
         if spec.align:
             ts -= ts % spec.align
@@ -1066,6 +1137,61 @@ class Mapper:
         if self._trace is not None:
             self._trace.append((reading, sources))
         return reading
+
+    def _preset_readings(  # noqa: PLR0917 - the resolved topic and the message
+        self,
+        matcher: _Matcher,
+        device_type: str,
+        topic_id: str | None,
+        topic: bytes,
+        payload: bytes,
+        received_at: float,
+    ) -> list[Reading]:
+        """A preset's message: its hook finds the records, the route's (or the preset's)
+        points are read from each; a message with nothing to send is skipped, not rejected."""
+        preset = matcher.preset
+        spec = matcher.spec
+        assert preset is not None  # noqa: S101 - set with spec
+        assert spec is not None  # noqa: S101 - a preset's route is generic
+        levels = topic.decode("utf-8").split("/")
+        if levels[0] == "homeassistant" and levels[-1] == "config":
+            raise MessageSkipped("metadata", "Home Assistant discovery message")
+        after_id = levels[matcher.id_index + 1 :] if matcher.id_index >= 0 else []
+        records = preset.read(Message(levels, after_id, topic_id, payload), _decode)
+        if len(records) > self._max_readings:
+            raise MappingError(
+                "too_many_readings",
+                f"payload holds {len(records)} records, more than the limit of"
+                f" {self._max_readings}",
+            )
+        readings = []
+        for record in records:
+            sources: dict[str, str] = {}
+            values = record.values
+            if spec.points:
+                data = _points(spec, values, values, sources)
+            else:
+                data = self._all_points(matcher, spec, values, sources)
+            if not data:
+                continue  # a gateway's own status beside its meters, a string-only entry
+            device_id = topic_id
+            if record.device_id is not None:
+                device_id = _device_id_text(record.device_id, f"the {preset.name} device id")
+            if device_id is None and device_type not in NO_DEVICE_ID_TYPES:
+                raise MappingError(
+                    "missing_device_id",
+                    f"the {preset.name} message gives no deviceId, which device type"
+                    f" {device_type} requires",
+                )
+            device = (device_type, device_id)
+            readings.append(
+                self._finish(matcher, spec, device, data, sources, record.time, received_at)
+            )
+        if not readings:
+            raise MessageSkipped(
+                "unmapped", f"no value in this {preset.name} message maps to a point"
+            )
+        return readings
 
     def _all_points(
         self, matcher: _Matcher, spec: _Spec, record: dict[str, Any], sources: dict[str, str]
@@ -1171,33 +1297,35 @@ def _points(
     A value that is missing, null or not a number leaves its point out (a sum: any part).
     """
     data: dict[str, str] = {}
-    for name, paths, is_sum, scale, described in spec.points:
-        if is_sum:
-            number = Decimal(0)
-            for path in paths:
-                text = _numeric_text(path.find(record, root))
-                if text is None:
-                    break
-                number = _EXACT.add(number, _exact_decimal(text, name))
-            else:
-                text = ""
-            if text is None:
-                continue
-        else:
-            text = _numeric_text(paths[0].find(record, root))
-            if text is None:
-                continue
-            if scale is None:
+    for name, candidates in spec.points:
+        for candidate in candidates:
+            text = _point_value(name, candidate, record, root)
+            if text is not None:
                 data[name] = text
-                sources[name] = described
-                continue
-            number = _exact_decimal(text, name)
-        if scale is not None:
-            number = _EXACT.multiply(number, scale)
-        # Parts and factors are bounded (parts above, factors at config load): so is the result.
-        data[name] = format(number, "f")
-        sources[name] = described
+                sources[name] = candidate[3]
+                break
     return data
+
+
+def _point_value(name: str, candidate: _Candidate, record: dict[str, Any], root: Any) -> str | None:
+    """The exact text of one candidate source of point ``name``, ``None`` when it finds none."""
+    paths, is_sum, scale, _ = candidate
+    if is_sum:
+        number = Decimal(0)
+        for path in paths:
+            text = _numeric_text(path.find(record, root))
+            if text is None:
+                return None
+            number = _EXACT.add(number, _exact_decimal(text, name))
+    else:
+        text = _numeric_text(paths[0].find(record, root))
+        if text is None or scale is None:
+            return text
+        number = _exact_decimal(text, name)
+    if scale is not None:
+        number = _EXACT.multiply(number, scale)
+    # Parts and factors are bounded (parts above, factors at config load): so is the result.
+    return format(number, "f")
 
 
 def _check_point_name(name: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from bridge.config import Settings, load_settings
-from bridge.errors import ConfigError, MappingError
+from bridge.errors import ConfigError, MappingError, MessageSkipped
 from bridge.intake.mapping import Mapper
 from bridge.intake.registry import Registry
 from bridge.intake.sparkplug_route import SparkplugIntake
@@ -189,6 +189,8 @@ def _replay(
         except MappingError as exc:
             still.append((row.id, exc.reason, exc.detail))
             continue
+        except MessageSkipped:
+            readings = []  # not a reading under today's routes: nothing to keep
         moved.append((row.id, readings))
     if not dry_run and (moved or still):
         spool.replay_dead_letters(moved, still)

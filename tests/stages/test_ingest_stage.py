@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from bridge.config import Route
+from bridge.config import PayloadFormat, Route
 from bridge.intake.ingest import Ingest
 from bridge.intake.mapping import Mapper
 from bridge.intake.mqtt import AckToken, Received
@@ -159,4 +159,28 @@ async def test_ingest_sets_aside_a_message_the_mapping_fails_on_and_keeps_the_re
         assert expected == (
             [row.reading.device_id for row in stored.fetch_after(0, 10)],
             [(d.reason, d.detail) for d in stored.dead_letters()],
+        )
+
+
+async def test_ingest_acks_and_counts_a_presets_non_reading_without_dead_letter(
+    spool: SpoolThread, store: SpoolStore, metrics: Metrics
+) -> None:
+    """Test that a preset family's message that is not a reading (a Tasmota LWT) is acked in
+    its turn and counted as skipped by reason, with no dead letter, and the reading after it
+    is stored."""
+    source = FakeSource()
+    mapper = Mapper([Route(format=PayloadFormat.TASMOTA)], "Asia/Shanghai")
+    ingest = _ingest(spool, source, metrics, high_water=100, mapper=mapper)
+    async with running(ingest, spool):
+        source.publish("tele/pow1/LWT", b"Online", 1)
+        source.publish("tele/pow1/SENSOR", b'{"ENERGY":{"Voltage":227}}', 2)
+        await eventually(lambda: len(source.acked) == 2, message="2 acks")
+
+    assert [(1, 1), (1, 2)] == source.acked
+    assert 1 == sample(metrics, "bridge_messages_skipped_total", reason="availability")
+    assert 0 == sample(metrics, "bridge_messages_rejected_total")
+    with reopened(store.path) as stored:
+        assert ([{"Ua": "227"}], []) == (
+            [row.reading.data for row in stored.fetch_after(0, 10)],
+            stored.dead_letters(),
         )

@@ -209,3 +209,28 @@ def test_readme_starts_with_the_demo_and_test_commands() -> None:
         line.split()[0] for line in first_block.strip().splitlines()
     ]
     assert "exec scripts/test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_check_sample_on_a_preset_shows_sources_or_the_skip_reason(tmp_path: Path) -> None:
+    """Test that `check --sample` on a preset route shows each point's default source, and
+    for a message that is not a reading the skip reason, exiting 0."""
+    config = tmp_path / "bridge.yaml"
+    config.write_text("routes:\n  - format: tasmota\n", encoding="utf-8")
+    sensor = '{"Time":"2018-02-15T17:37:10","ENERGY":{"Power":[490,0,10],"Voltage":230}}'
+
+    result = _cli("check", "--config", str(config), "--sample", "tele/t1/SENSOR", sensor)
+    skipped = _cli("check", "--config", str(config), "--sample", "tele/t1/LWT", "Online")
+
+    assert 0 == result.returncode, result.stderr
+    (reading,) = json.loads(result.stdout)["sample"]["readings"]
+    assert {
+        "Ua": {"value": "230", "from": "ENERGY.Voltage"},
+        "P": {
+            "value": "0.500",
+            "from": "sum(ENERGY.Power[0], ENERGY.Power[1], ENERGY.Power[2]) * 0.001",
+        },
+        "Pa": {"value": "0.490", "from": "ENERGY.Power[0] * 0.001"},
+    } == reading["points"]
+    assert "2018-02-15 17:37:10" == reading["recordTime"]
+    assert 0 == skipped.returncode
+    assert "availability" == json.loads(skipped.stdout)["sample"]["skipped"]["reason"]
