@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-in-flight",
         type=int,
-        default=4,
-        help="the bridge's cloud.max_in_flight (default %(default)s)",
+        default=None,
+        help="the bridge's cloud.max_in_flight (default: the bridge's own default)",
     )
     parser.add_argument(
         "--set",

@@ -39,6 +39,7 @@ from bench.proc import cpu_seconds, peak_rss_bytes, thread_cpu_seconds
 from bench.profile import PySpy
 from bench.spoolfill import fill_spool
 from bench.stub import BenchStub
+from bridge.config import CloudSettings
 from bridge.testing import (
     BridgeProcess,
     Mosquitto,
@@ -64,7 +65,7 @@ class Options:
     synchronous: str
     linger_secs: float
     protocol: str
-    max_in_flight: int
+    max_in_flight: int | None
     bridge_overrides: dict[str, Any]
     workdir: Path
 
@@ -206,7 +207,12 @@ class Scenarios:
         workdir = workdir or rig.workdir
         sections: dict[str, Any] = {
             "mqtt": {"client_id": "bench-bridge", "protocol": options.protocol},
-            "cloud": {"max_in_flight": options.max_in_flight},
+            # The bridge's own default unless asked (the test base config pins 4 in flight).
+            "cloud": {
+                "max_in_flight": options.max_in_flight
+                or CloudSettings.model_fields["max_in_flight"].default,
+                "initial_in_flight": CloudSettings.model_fields["initial_in_flight"].default,
+            },
             "batch": {"max_devices": 500, "linger_secs": options.linger_secs},
             "spool": {
                 "path": str(spool_path or workdir / "spool.db"),

@@ -209,7 +209,9 @@ class App:
         )
         await server.start()
         spool = SpoolThread(store, self.metrics, self.health)
-        queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * s.cloud.max_in_flight))
+        # Sized by the starting limit: batches beyond it wait in the spool, not in memory.
+        start_in_flight = min(s.cloud.initial_in_flight, s.cloud.max_in_flight)
+        queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * start_in_flight))
         pusher = Pusher(
             queue=queue,
             send=client.push,
@@ -217,6 +219,7 @@ class App:
             metrics=self.metrics,
             health=self.health,
             max_in_flight=s.cloud.max_in_flight,
+            initial_in_flight=start_in_flight,
             retry_initial=s.cloud.retry_initial_secs,
             retry_max=s.cloud.retry_max_secs,
             retry_after_max=s.cloud.retry_after_max_secs,
@@ -230,7 +233,7 @@ class App:
             # Enough to fill every request in flight twice over and to take two group commits
             # in memory (else live readings are read back from the spool); more costs memory.
             max_pending=max(
-                2 * s.batch.max_devices * s.cloud.max_in_flight,
+                2 * s.batch.max_devices * start_in_flight,
                 2 * min(s.spool.commit_max_rows, s.mqtt.receive_maximum),
             ),
             clock=time.time,

@@ -638,8 +638,13 @@ class CloudSettings(_Section):
     endpoint: str = "http://127.0.0.1:8080"
     """Base URL incl. scheme, e.g. ``https://energyexpertexternal.cn-hangzhou.aliyuncs.com``.
     The default is the local stand-in (``energy-bridge cloud-stub``)."""
-    max_in_flight: int = Field(default=4, ge=1, le=256)
-    """Upper bound of concurrent push requests (the adaptive limit stays below it)."""
+    max_in_flight: int = Field(default=32, ge=1, le=256)
+    """Upper bound of concurrent push requests. The adaptive limit starts at
+    ``initial_in_flight``, opens up towards this while requests wait and the cloud answers
+    (a slow cloud), and halves on throttling."""
+    initial_in_flight: int = Field(default=4, ge=1, le=256)
+    """Concurrent push requests at start (at most ``max_in_flight``); also sizes the
+    in-memory hand-over to the pusher."""
     request_timeout_secs: float = Field(default=15.0, gt=0)
     """Total timeout of one push request."""
     connect_timeout_secs: float = Field(default=5.0, gt=0)

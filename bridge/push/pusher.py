@@ -59,19 +59,37 @@ def _cuts(batch: Batch, refusal: PushResult) -> list[tuple[int, int]]:
 
 
 class AdaptiveLimit:
-    """AIMD concurrency limit between 1 and ``maximum``."""
+    """Concurrency limit between 1 and ``maximum``: opens while latency is the constraint,
+    closes on throttling (TCP's slow start and AIMD, counted in requests).
 
-    def __init__(self, maximum: int, metrics: Metrics) -> None:
+    It starts at ``initial``. While requests wait for a slot (the limit, not the supply of
+    batches, is what holds delivery back) each success adds one, doubling the limit every round
+    trip, up to ``threshold``; past it each success adds ``1 / limit`` (one per round trip).
+    Throttling halves the limit and sets the threshold there, so after a throttle the limit
+    creeps back rather than doubling into the cloud's quota again. A cloud that answers slowly
+    but without throttling therefore gets up to ``maximum`` requests at a time, and one that
+    throttles gets about what it accepts.
+    """
+
+    def __init__(self, maximum: int, metrics: Metrics, *, initial: int | None = None) -> None:
+        """Start at ``initial`` (default: ``maximum``) concurrent requests."""
         self.maximum = maximum
-        self.limit = float(maximum)
+        self.limit = float(min(maximum, initial if initial is not None else maximum))
+        self.threshold = float(maximum)
         self.in_flight = 0
+        self._waiting = 0
         self._cond = asyncio.Condition()
         self._metrics = metrics
         metrics.concurrency_limit.set(self.limit)
 
     async def __aenter__(self) -> None:
         async with self._cond:
-            await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
+            # Requests waiting for a slot are the demand beyond the limit that opens it.
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
+            finally:
+                self._waiting -= 1
             self.in_flight += 1
         self._metrics.requests_in_flight.set(self.in_flight)
 
@@ -82,13 +100,18 @@ class AdaptiveLimit:
         self._metrics.requests_in_flight.set(self.in_flight)
 
     def on_success(self) -> None:
-        """Additive increase: about +1 per ``limit`` successes."""
-        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        """Open up when requests had to wait for a slot: +1 below the threshold, else
+        +1/limit; without waiting requests the limit stays where it is."""
+        if not self._waiting:
+            return
+        step = 1.0 if self.limit < self.threshold else 1.0 / self.limit
+        self.limit = min(float(self.maximum), self.limit + step)
         self._metrics.concurrency_limit.set(self.limit)
 
     def on_throttle(self) -> None:
-        """Multiplicative decrease."""
+        """Multiplicative decrease; the threshold of the next opening is where it ended."""
         self.limit = max(1.0, self.limit / 2.0)
+        self.threshold = max(1.0, self.limit)
         self._metrics.concurrency_limit.set(self.limit)
 
 
@@ -128,7 +151,8 @@ class Pusher:
         send: one signed attempt (``PushClient.push``).
         spool: the spool, for completions.
         metrics, health: observability.
-        max_in_flight: hard upper bound of concurrent requests.
+        max_in_flight: hard upper bound of concurrent requests (one worker each).
+        initial_in_flight: where the adaptive limit starts (default: ``max_in_flight``).
         retry_initial, retry_max: backoff parameters, seconds.
         retry_after_max: the longest ``x-acs-retry-after`` honoured, seconds.
         on_credentials_problem: called to refresh credentials after an auth failure.
@@ -143,6 +167,7 @@ class Pusher:
         metrics: Metrics,
         health: Health,
         max_in_flight: int,
+        initial_in_flight: int | None = None,
         retry_initial: float,
         retry_max: float,
         retry_after_max: float = 60.0,
@@ -161,7 +186,7 @@ class Pusher:
         self._deliveries = 0
         self._on_credentials_problem = on_credentials_problem
         self._rng = rng or random.Random()
-        self.limit = AdaptiveLimit(max_in_flight, metrics)
+        self.limit = AdaptiveLimit(max_in_flight, metrics, initial=initial_in_flight)
         self._pause = _Pause()
         self._busy = 0
         self._workers: list[asyncio.Task[None]] = []

@@ -83,7 +83,8 @@ async def drain_spool(settings: Settings, path: Path, *, give_up_secs: float) ->
             max_connections=s.cloud.max_in_flight,
         )
         async with client:
-            queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * s.cloud.max_in_flight))
+            start_in_flight = min(s.cloud.initial_in_flight, s.cloud.max_in_flight)
+            queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * start_in_flight))
             pusher = Pusher(
                 queue=queue,
                 send=client.push,
@@ -91,6 +92,7 @@ async def drain_spool(settings: Settings, path: Path, *, give_up_secs: float) ->
                 metrics=metrics,
                 health=health,
                 max_in_flight=s.cloud.max_in_flight,
+                initial_in_flight=start_in_flight,
                 retry_initial=s.cloud.retry_initial_secs,
                 retry_max=s.cloud.retry_max_secs,
                 retry_after_max=s.cloud.retry_after_max_secs,
@@ -101,7 +103,7 @@ async def drain_spool(settings: Settings, path: Path, *, give_up_secs: float) ->
                 max_bytes=s.batch.max_bytes,
                 window_secs=s.batch.window_secs,
                 linger_secs=s.batch.linger_secs,
-                max_pending=2 * s.batch.max_devices * s.cloud.max_in_flight,
+                max_pending=2 * s.batch.max_devices * start_in_flight,
                 clock=time.time,
             )
             feeder = Feeder(spool=spool, batcher=batcher, queue=queue)

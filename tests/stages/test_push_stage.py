@@ -28,6 +28,8 @@ def _pusher(
     retry_initial: float = 0.01,
     rng: random.Random | None = None,
     on_credentials_problem: CredentialsProvider | None = None,
+    max_in_flight: int = 4,
+    initial_in_flight: int | None = None,
 ) -> tuple[Pusher, asyncio.Queue[Batch]]:
     queue: asyncio.Queue[Batch] = asyncio.Queue()
     pusher = Pusher(
@@ -36,7 +38,8 @@ def _pusher(
         spool=spool,
         metrics=metrics,
         health=health,
-        max_in_flight=4,
+        max_in_flight=max_in_flight,
+        initial_in_flight=initial_in_flight,
         retry_initial=retry_initial,
         retry_max=0.05,
         on_credentials_problem=(
@@ -100,6 +103,58 @@ async def test_pusher_throttling_lowers_the_concurrency_limit(
 
     assert 1.0 == throttled_limit  # 4 -> 2 -> 1, never below 1
     assert 1 == len(cloud.devices())
+
+
+async def test_pusher_opens_its_limit_for_a_slow_cloud_and_closes_it_on_throttling(
+    credentials: CredentialsProvider,
+    spool: SpoolThread,
+    cloud: Cloud,
+    metrics: Metrics,
+    health: Health,
+) -> None:
+    """Test that a cloud answering after 100 ms, without throttling, gets more than the initial
+    2 requests at a time (the limit opens while batches wait), and that throttling then halves
+    the limit; every batch arrives once."""
+    cloud.stub.set_faults({"latency_ms": 100})
+    peak = 0
+    async with PushClient(
+        endpoint=cloud.url,
+        credentials=credentials,
+        user_agent="energy-bridge-test",
+        timeout_secs=5.0,
+        connect_timeout_secs=1.0,
+        verify_tls=True,
+        max_connections=16,  # as the app sizes it: one connection per request in flight
+    ) as client:
+        pusher, queue = _pusher(
+            client, spool, metrics, health, max_in_flight=16, initial_in_flight=2
+        )
+        async with running(pusher, spool):
+            for n in range(60):
+                await queue.put(await _batch(spool, [reading(n, f"m{n}")]))
+
+            def delivered_all() -> bool:
+                nonlocal peak
+                peak = max(peak, pusher.limit.in_flight)
+                return len(cloud.devices()) >= 60
+
+            await eventually(delivered_all, message="60 batches through a 100 ms cloud")
+            opened = pusher.limit.limit
+            cloud.stub.set_faults({"latency_ms": 0, "throttle_rate": 1.0, "retry_after_ms": 10})
+            await queue.put(await _batch(spool, [reading(60, "m60")]))
+            await eventually(
+                lambda: sample(metrics, "bridge_push_requests_total", outcome="throttled",
+                               code="Throttling.User") >= 2,
+                message="two throttled answers",
+            )  # fmt: skip
+            throttled = pusher.limit.limit
+            cloud.stub.set_faults({"throttle_rate": 0.0})
+            await eventually(lambda: len(cloud.devices()) >= 61, message="the throttled batch")
+
+    assert opened > 4
+    assert peak > 2
+    assert throttled < opened * 0.75  # halved at least once (late answers may add a little)
+    assert 61 == len(cloud.devices())
 
 
 async def test_pusher_isolates_the_poisoned_entry_at_the_index_the_cloud_names(
