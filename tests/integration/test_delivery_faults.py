@@ -303,19 +303,22 @@ def test_broker_restart_mid_stream_loses_nothing(
     items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _BackgroundPublisher(mosquitto, items, rate=1_500, chunk=500).start()
     for restart, after in enumerate((2_000, 5_000), start=1):
-        wait_until(lambda n=after: _distinct(stub) >= n, 60, message=f"{after} delivered")
+
+        def delivered(n: int = after) -> bool:
+            return _distinct(stub) >= n
+
+        def reconnected(n: int = restart) -> bool:
+            return (
+                bridge.metric("bridge_mqtt_reconnects_total") >= n
+                and bridge.metric("bridge_mqtt_connected") == 1
+            )
+
+        wait_until(delivered, 60, message=f"{after} delivered")
         # Between two chunks, so that no publish straddles the restart (the publisher is not
         # under test); the next test forces messages to be in flight at the restart.
         with publisher.gate:
             mosquitto.restart()
-        wait_until(
-            lambda n=restart: (
-                bridge.metric("bridge_mqtt_reconnects_total") >= n
-                and bridge.metric("bridge_mqtt_connected") == 1
-            ),
-            30,
-            message=f"bridge reconnected after restart {restart}",
-        )
+        wait_until(reconnected, 30, message=f"bridge reconnected after restart {restart}")
     publisher.join(120)
     wait_until(lambda: _distinct(stub) >= total, 60, message="every reading")
     wait_until(lambda: bridge.metric("bridge_spool_readings") == 0, 15, message="spool empty")

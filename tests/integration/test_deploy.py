@@ -246,8 +246,10 @@ def test_compose_bridge_environment_names_real_settings() -> None:
             assert model is not None, f"{key}: {'.'.join(path[:depth])} has no sub-keys"
             assert part in model.model_fields, f"{key}: no setting {'.'.join(path[: depth + 1])}"
             annotation = model.model_fields[part].annotation
-            is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            model = annotation if is_section else None
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation  # a section
+            else:
+                model = None
         assert model is None, f"{key} names a whole section, not a setting"
     settings = effective_settings()  # every value is valid, too
     assert ("0.0.0.0", 9108) == (settings.http.host, settings.http.port)

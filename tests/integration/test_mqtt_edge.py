@@ -49,11 +49,11 @@ def test_an_oversized_message_neither_takes_the_memory_nor_the_messages_around_i
         pub.publish("meters/1/huge/telemetry", b"{" + b" " * (40 << 20) + b"}", timeout=60)
         pub.publish_many([(topic, telemetry_payload(n, START_TS + n)) for n in range(5, 10)])
 
-    entries = wait_until(
-        lambda: (e := stub.received()) and len(seq_counts(e)) >= 10 and e,
-        60,
-        message="the 10 good readings",
-    )
+    def ten_good() -> list[dict[str, Any]] | None:
+        received = stub.received()
+        return received if len(seq_counts(received)) >= 10 else None
+
+    entries = wait_until(ten_good, 60, message="the 10 good readings")
     peak = bridge.peak_rss_mb
     dead = _dead_letters(bridge)
     assert dict.fromkeys(range(10), 1) == dict(seq_counts(entries))
@@ -81,9 +81,12 @@ def test_a_retained_reading_is_ingested_once_however_often_the_bridge_reconnects
         wait_until(lambda: bridge.metric("bridge_mqtt_connected") == 1, 30, message="reconnect")
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish("meters/1/live/telemetry", telemetry_payload(3, START_TS + 3))
-    entries = wait_until(
-        lambda: (e := stub.received()) and 3 in seq_counts(e) and e, 30, message="live reading"
-    )
+
+    def live() -> list[dict[str, Any]] | None:
+        received = stub.received()
+        return received if 3 in seq_counts(received) else None
+
+    entries = wait_until(live, 30, message="live reading")
 
     assert {1: 1, 2: 1, 3: 1} == dict(seq_counts(entries))
     assert bridge.metric("bridge_messages_skipped_total", reason="retained_replay") >= (

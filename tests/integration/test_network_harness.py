@@ -25,10 +25,12 @@ from bridge.testing import (
     LOOPBACK,
     DelayProxy,
     FaultUnsupported,
+    Mosquitto,
     MqttProbe,
     NetNamespace,
     Publisher,
     RemoteHost,
+    StubProcess,
     Subscriber,
     mqtt_connect_ok,
     mqtt_ping_rtts,
@@ -294,6 +296,7 @@ def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> 
         ifnames = [host.netns.host_ifname for host in hosts if host.netns is not None]
         assert set(names) <= set(_netns_names())
         assert set(ifnames) <= set(_link_names())
+        peers: list[Mosquitto | StubProcess]
         peers = [hosts[0].mosquitto(), hosts[0].stub(), hosts[1].mosquitto()]
         proxy = hosts[0].proxy(peers[0].port, delay_ms=1)
         assert mqtt_connect_ok(*proxy.address, timeout=5.0)

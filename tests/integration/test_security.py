@@ -497,10 +497,13 @@ def test_tls_to_the_broker_verifies_the_server(
                 "reconnect_max_secs": 0.5,
             },
         )
+
+        def verification_failed(b: BridgeProcess = bridge) -> str:
+            problem = _problem(b, "mqtt")
+            return problem if "CERTIFICATE_VERIFY_FAILED" in problem else ""
+
         refusals[name] = wait_until(
-            lambda b=bridge: (
-                "CERTIFICATE_VERIFY_FAILED" in _problem(b, "mqtt") and _problem(b, "mqtt")
-            ),
+            verification_failed,
             30,
             message=f"{name}: /readyz naming the failed verification",
         )

@@ -10,6 +10,7 @@ import pytest
 
 from bridge.errors import SpoolError, SpoolFullError
 from bridge.health import SPOOL_FULL, Health
+from bridge.models import SpooledReading
 from bridge.spool.store import DeadLetter, DeadLetterFilter, Reject, SpoolStore
 from bridge.spool.thread import SpoolThread
 from bridge.telemetry import Metrics
@@ -46,7 +47,7 @@ async def test_spool_stage_full_spool_writes_nothing_and_reports_it(
     store = SpoolStore.open(tmp_path / "small.db", max_bytes=64 * 1024)
     spool = SpoolThread(store, metrics, health, stats_interval=0.05)
     async with running(spool):
-        rows = []
+        rows: list[SpooledReading] = []
         while not health.problems:
             try:
                 rows += await spool.put([reading(len(rows), P="1" * 3000)], [])

@@ -348,7 +348,10 @@ def exported_series() -> dict[str, frozenset[str]]:
 
 
 # Series Prometheus adds to every scrape target.
-SYNTHETIC_SERIES = {"up": frozenset(), "scrape_duration_seconds": frozenset()}
+SYNTHETIC_SERIES: dict[str, frozenset[str]] = {
+    "up": frozenset(),
+    "scrape_duration_seconds": frozenset(),
+}
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 

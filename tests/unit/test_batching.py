@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
@@ -78,8 +79,8 @@ def _add_all(batcher: Batcher, items: list[SpooledReading]) -> list[Batch]:
     return [batch for item in items for batch in batcher.add(item)]
 
 
-def _devices(batch: Batch) -> list[dict[str, object]]:
-    devices: list[dict[str, object]] = json.loads(batch.body)["devices"]
+def _devices(batch: Batch) -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = json.loads(batch.body)["devices"]
     return devices
 
 
@@ -206,7 +207,7 @@ def test_batching_max_devices_closes_the_batch_from_add() -> None:
     first = _add_all(batcher, [_item(1, "m1"), _item(2, "m2")])
     closed = batcher.add(_item(3, "m3"))
 
-    expected = ([], [[1, 2, 3]], 0, 0)
+    expected: tuple[list[Batch], list[list[int]], int, int] = ([], [[1, 2, 3]], 0, 0)
     actual = (first, [b.rids for b in closed], batcher.open_batches, batcher.pending)
     assert expected == actual
 
@@ -218,7 +219,7 @@ def test_batching_merged_readings_do_not_count_towards_max_devices() -> None:
     closed = _add_all(batcher, [_item(1, "m1"), _item(2, "m1"), _item(3, "m1")])
     open_batches = batcher.open_batches
 
-    expected = ([], 1, [[[1, 2, 3]]])
+    expected: tuple[list[Batch], int, list[list[list[int]]]] = ([], 1, [[[1, 2, 3]]])
     assert expected == (closed, open_batches, [b.entry_rids for b in batcher.flush()])
 
 
@@ -307,7 +308,7 @@ def test_batching_linger_due_before_and_after() -> None:
     late = batcher.due()
     again = batcher.due()
 
-    expected = ([], [[1]], [], 0)
+    expected: tuple[list[Batch], list[list[int]], list[Batch], int] = ([], [[1]], [], 0)
     assert expected == (early, [b.rids for b in late], again, batcher.open_batches)
 
 
@@ -378,6 +379,7 @@ def test_batching_flush_returns_everything() -> None:
 
     batches = batcher.flush()
 
+    expected: tuple[list[list[int]], int, int, float | None, list[Batch]]
     expected = ([[1, 4], [2], [3]], 0, 0, None, [])
     actual = (
         [b.rids for b in batches],
@@ -465,7 +467,7 @@ def test_batching_no_memory_pressure_at_max_pending() -> None:
         batcher, [_item(1, "a", device_type="1"), _item(2, "b", device_type="2"), _item(3, "c")]
     )
 
-    expected = ([], 3)
+    expected: tuple[list[Batch], int] = ([], 3)
     assert expected == (closed, batcher.pending)
 
 

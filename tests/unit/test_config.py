@@ -210,7 +210,7 @@ def test_config_settings_are_frozen() -> None:
     settings = load_settings()
 
     with pytest.raises(ValueError, match="frozen"):
-        settings.mqtt.port = 1  # type: ignore[misc]
+        settings.mqtt.port = 1
 
 
 # -- errors name their key ------------------------------------------------------------------

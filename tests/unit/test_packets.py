@@ -72,7 +72,7 @@ def _ours(packet: bytes, *, v5: bool) -> tuple[bytes, bytes, int, int, bool, boo
 
 
 # MQTT UTF-8 strings: no NUL, no surrogates (paho refuses to read them back).
-_TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+_TEXT = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
 
 _PROPERTY_SETTERS = {
     "PayloadFormatIndicator": st.integers(0, 1),

@@ -200,7 +200,7 @@ def test_spool_commit_without_readings_returns_no_ids(spool: SpoolStore) -> None
     """Test that a commit of rejects only assigns no reading ids and leaves last_id alone."""
     done = spool.commit([], [_reject()])
 
-    expected = ([], 0, 0)
+    expected: tuple[list[int], int, int] = ([], 0, 0)
     assert expected == (done.ids, done.already_sent, spool.last_id)
 
 
