@@ -1,5 +1,7 @@
-"""Coverage-guided fuzzing of the mapping (atheris): any topic and payload bytes give readings
-that obey the API's rules, or a MappingError with a known reason; nothing else, ever.
+"""Coverage-guided fuzzing of the mapping (atheris).
+
+Any topic and payload bytes give readings that obey the API's rules, or a MappingError with
+a known reason; nothing else, ever.
 
     .venv/bin/python tests/fuzz/fuzz_mapping.py tests/fuzz/corpus/mapping -max_total_time=600
 

@@ -304,8 +304,11 @@ def test_alerts_go_off_when_things_break(
     bridge_factory: BridgeFactory,
     prometheus_factory: PrometheusFactory,
 ) -> None:
-    """Test that the alerts go off for refused credentials, a full spool, rejects, a lost
-    broker and a dead bridge (pending at least: their ``for`` is minutes long)."""
+    """Test that every alert goes off (pending at least) for the fault it watches.
+
+    The alerts go off for refused credentials, a full spool, rejects, a lost
+    broker and a dead bridge (pending at least: their ``for`` is minutes long).
+    """
     stub = stub_factory()
     bridge = bridge_factory(
         cloud_url=stub.url,

@@ -623,8 +623,11 @@ def test_fixed_credentials_resume_every_worker_promptly_after_sighup(
 def test_malformed_credentials_refuse_to_start(
     stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path, where: str
 ) -> None:
-    """Test that a credential with a CR/LF inside stops `run` at once with one line naming
-    the variable or file (never the value), instead of crashing at the first push."""
+    """Test that a credential with a CR/LF inside stops `run` at once, naming where it is.
+
+    A credential with a CR/LF inside stops `run` at once with one line naming
+    the variable or file (never the value), instead of crashing at the first push.
+    """
     secret = "testsecret\r\nX-Injected: 1"
     secret_file = tmp_path / "ak-secret"
     if where == "file":
@@ -653,10 +656,13 @@ def test_malformed_credentials_refuse_to_start(
 def test_credentials_file_broken_at_run_time_pauses_and_recovers_on_sighup(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path
 ) -> None:
-    """Test that an AccessKey id file broken with a CR/LF inside (it goes into a header: this
+    """Test that a CR/LF in a key id file re-read on SIGHUP keeps the bridge up and the data.
+
+    An AccessKey id file broken with a CR/LF inside (it goes into a header: this
     crashed the bridge) and re-read on SIGHUP leaves the bridge up and not ready with a
     credentials reason, keeping every reading, and that fixing the file plus another SIGHUP
-    delivers them all."""
+    delivers them all.
+    """
     key_id_file = tmp_path / "ak-id"
     secret_file = tmp_path / "ak-secret"
     key_id_file.write_text("testid\n", "utf-8")

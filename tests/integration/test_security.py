@@ -668,7 +668,9 @@ def _insecure_warnings(bridge: BridgeProcess) -> list[str]:
 def test_plain_http_endpoint_beyond_loopback_is_warned_at_start(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that `run` logs one WARNING at start for an http:// endpoint whose host is not a
+    """Test that `run` warns once at start for a plain-http endpoint off loopback.
+
+    `run` logs one WARNING at start for an http:// endpoint whose host is not a
     loopback address, and none for the loopback stub.
 
     The remote endpoint is a documentation address (RFC 5737) that is never contacted: nothing

@@ -26,9 +26,11 @@ class FakeClock:
         self.now = now
 
     def __call__(self) -> float:
+        """The time the test last set or advanced to."""
         return self.now
 
     def advance(self, secs: float) -> None:
+        """Move the clock ``secs`` seconds forward."""
         self.now += secs
 
 
@@ -588,8 +590,11 @@ def test_batching_batch_rids_and_size() -> None:
 
 
 def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
-    """Test that a slice of a batch carries exactly its entries, row ids and arrival times, and
-    a body of just those entries (how a refused batch is split)."""
+    """Test that a slice of a batch carries exactly its entries, row ids and arrival times.
+
+    A slice of a batch carries exactly its entries, row ids and arrival times, and
+    a body of just those entries (how a refused batch is split).
+    """
     batcher = _batcher()
     _add_all(
         batcher,
@@ -608,8 +613,11 @@ def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
 
 
 def test_batching_types_without_device_id_keep_their_sources_apart() -> None:
-    """Test that readings of types 15/16 from two sources at the same recordTime never merge
-    into one entry (they go out in separate requests, each without a deviceId)."""
+    """Test that type 15/16 readings from two sources at one recordTime never merge.
+
+    Readings of types 15/16 from two sources at the same recordTime never merge
+    into one entry (they go out in separate requests, each without a deviceId).
+    """
     batcher = _batcher()
     _add_all(
         batcher,

@@ -45,8 +45,11 @@ def test_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> 
 
 
 def test_check_reports_a_credential_with_a_line_break_and_fails() -> None:
-    """Test that `check` reports the malformed credential `run` would refuse, naming the
-    variable (never the value), and exits 1."""
+    """Test that `check` reports a malformed credential by name, never value, and exits 1.
+
+    `check` reports the malformed credential `run` would refuse, naming the
+    variable (never the value), and exits 1.
+    """
     result = _cli(
         "check",
         env={
@@ -73,8 +76,11 @@ def _check_warnings(timezone: str) -> list[str]:
 
 
 def test_check_warns_about_a_timezone_with_daylight_saving() -> None:
-    """Test that `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
-    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai."""
+    """Test that `check` explains the recordTime ambiguity of a DST zone, and only then.
+
+    `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
+    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai.
+    """
     berlin = [w for w in _check_warnings("Europe/Berlin") if w.startswith("timezone")]
     shanghai = [w for w in _check_warnings("Asia/Shanghai") if w.startswith("timezone")]
 
@@ -134,8 +140,11 @@ def test_bad_environment_override_names_the_key_and_variable() -> None:
 
 
 def test_misspelt_environment_variable_fails_naming_it() -> None:
-    """Test that an ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
-    with a message naming the variable, instead of being ignored."""
+    """Test that an unknown ENERGY_BRIDGE_* variable stops the command (exit 2), named.
+
+    An ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
+    with a message naming the variable, instead of being ignored.
+    """
     result = _cli("check", env={"ENERGY_BRIDGE_MQQT__PORT": "1884"})
     assert 2 == result.returncode
     assert "ENERGY_BRIDGE_MQQT__PORT is not a setting" in result.stderr
