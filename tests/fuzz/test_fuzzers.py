@@ -34,7 +34,7 @@ UNMEASURED_ENV = {
 def test_fuzzer_finds_no_crash_in_a_bounded_run(target: str, tmp_path: Path) -> None:
     """Test that a bounded libFuzzer run finds no crash and no disagreement with paho.
 
-    LibFuzzer, guided by coverage from the kept corpus, finds no input that makes
+    libFuzzer, guided by coverage from the kept corpus, finds no input that makes
     the mapping, the config loader or the PUBLISH reader fail other than by their own error (a
     reason, a key, a malformed packet), or makes the reader disagree with paho.
     """

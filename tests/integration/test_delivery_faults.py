@@ -660,7 +660,7 @@ def test_credentials_file_broken_at_run_time_pauses_and_recovers_on_sighup(
 
     An AccessKey id file broken with a CR/LF inside (it goes into a header: this
     crashed the bridge) and re-read on SIGHUP leaves the bridge up and not ready with a
-    credentials reason, keeping every reading, and that fixing the file plus another SIGHUP
+    credentials reason, keeping every reading, and fixing the file plus another SIGHUP
     delivers them all.
     """
     key_id_file = tmp_path / "ak-id"

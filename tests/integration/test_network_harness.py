@@ -134,7 +134,7 @@ def test_full_loss_and_partition_time_out_connections_and_heal_restores(
     """Test that full loss and a partition make connects time out, and heal() restores them.
 
     100 % loss and a partition make connects time out (not refused), hold an
-    established connection, and that heal() restores both.
+    established connection, and heal() restores both.
     """
     _require_loss(remote)
     broker = remote.mosquitto()
@@ -295,7 +295,7 @@ def test_loopback_proxy_mode_keeps_the_api(tmp_path: Path) -> None:
 def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> None:
     """Test that stop() leaves no namespace, veth or peer behind, and is idempotent.
 
-    Stop() deletes namespace and veth and kills the peers, for two hosts at once
+    stop() deletes namespace and veth and kills the peers, for two hosts at once
     on distinct /30s, and is idempotent.
     """
     hosts = [RemoteHost(tmp_path / f"remote-{i}").start() for i in range(2)]

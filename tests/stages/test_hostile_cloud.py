@@ -261,7 +261,7 @@ async def test_an_absurd_retry_after_never_puts_a_worker_to_sleep_for_good(
 ) -> None:  # fmt: skip
     """Test that absurd x-acs-retry-after values are cut to cloud.retry_after_max_secs.
 
-    X-acs-retry-after values like inf or 1e12 are cut to cloud.retry_after_max_secs
+    x-acs-retry-after values like inf or 1e12 are cut to cloud.retry_after_max_secs
     (0.2 s here): the batch arrives soon after the throttling ends.
     """
     cloud.stub.set_faults({"throttle_rate": 1.0, "retry_after_raw": retry_after})

@@ -172,7 +172,7 @@ async def test_pusher_resume_now_ends_a_credentials_pause(
 ) -> None:
     """Test that refused credentials pause delivery and resume_now ends the pause at once.
 
-    Refused credentials pause delivery (not ready, data kept) and that fixed
+    Refused credentials pause delivery (not ready, data kept), and fixed
     credentials plus resume_now (what SIGHUP does) deliver at once, not after the pause.
     """
     good = credentials

@@ -873,7 +873,7 @@ async def test_introspection_keep_max_keeps_the_last_entries_and_counts_the_rest
 ) -> None:
     """Test that keep_max=3 keeps the last three entries with their original indices.
 
-    Keep_max=3 keeps the last three entries, counts the one dropped, and pages
+    keep_max=3 keeps the last three entries, counts the one dropped, and pages
     with indices that stay those of all entries ever accepted.
     """
     running = await serve(StubOptions(keep_max=3))

@@ -100,7 +100,7 @@ def test_credentials_check_format_refuses_malformed_and_lets_missing_pass(
 ) -> None:
     """Test that check_format raises only for credentials present but malformed.
 
-    Check_format (the start-up check) raises only for credentials that are there
+    check_format (the start-up check) raises only for credentials that are there
     but malformed: missing ones are a wait, not a mistake in what was given.
     """
     provider = CredentialsProvider(CredentialsSettings())

@@ -105,7 +105,7 @@ def test_sparkplug_alias_only_data_resolves_through_the_birth() -> None:
     """Test that an alias-only DDATA is named and typed by the DBIRTH that defined it.
 
     An alias-only DDATA is named and typed by the DBIRTH that defined the alias,
-    and that both encoders' Int8 -1 (Tahu Python: 255, Tahu Java: 4294967295) read as -1.
+    and both encoders' Int8 -1 (Tahu Python: 255, Tahu Java: 4294967295) read as -1.
     """
     tables = AliasTables()
     tables.birth("plant/node-1", decode_payload(S1_DBIRTH), node=False)
