@@ -280,8 +280,11 @@ class CloudSettings(_Section):
 
     @property
     def plain_http_beyond_loopback(self) -> bool:
-        """Whether the endpoint is plain ``http://`` to a host that is not this machine (not a
-        loopback address, not ``localhost``): readings and signed requests travel unencrypted."""
+        """Whether the endpoint is plain ``http://`` to a host that is not this machine.
+
+        Not a loopback address, not ``localhost``: readings and signed requests would travel
+        unencrypted.
+        """
         parts = urlsplit(self.endpoint)
         if parts.scheme != "http":
             return False
@@ -441,13 +444,18 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (passed as init kwargs).
+        """Read the environment, then the file (passed as init kwargs); nothing else.
+
+        The environment overrides the file. No dotenv file and no secrets directory are read.
+        """
         return (env_settings, init_settings)
 
 
 def has_daylight_saving(zone: str, *, around: datetime | None = None) -> bool:
-    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``
-    (now when ``None``): its UTC offset is not the same all year (daylight saving time).
+    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``.
+
+    ``around`` is now when ``None``. A change means the UTC offset is not the same all year
+    (daylight saving time).
 
     In such a zone local time without an offset, as ``recordTime`` is, is ambiguous: when the
     clocks go back, two instants an hour apart have the same local time.
@@ -550,8 +558,10 @@ _QUOTED = re.compile(r"'([^']*)'")
 
 
 def _redact_quoted(text: str) -> str:
-    """``text`` with quoted source text (an alias or tag name) replaced by ``'...'``; a quoted
-    single character or escape (``'q'``, ``'\\t'``) is kept: it tells what to fix."""
+    r"""``text`` with quoted source text (an alias or tag name) replaced by ``'...'``.
+
+    A quoted single character or escape (``'q'``, ``'\t'``) is kept: it tells what to fix.
+    """
 
     def keep_short(match: re.Match[str]) -> str:
         inner = match.group(1)

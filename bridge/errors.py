@@ -81,5 +81,7 @@ class CredentialsError(BridgeError):
 
 
 class CredentialsMalformedError(CredentialsError):
-    """A credential is there but cannot be right (a line break, space or control character
-    inside); the message names the file or variable, never the value."""
+    """A credential is there but cannot be right (a line break, space or control character).
+
+    The message names the file or variable, never the value.
+    """

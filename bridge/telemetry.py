@@ -30,8 +30,10 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 
 
 class Metrics:
-    """The bridge's metrics, registered in one registry (a fresh one per app, so tests can
-    run several apps in one process)."""
+    """The bridge's metrics, registered in one registry.
+
+    A fresh registry per app, so tests can run several apps in one process.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

@@ -141,8 +141,10 @@ _DECODER: Final = json.JSONDecoder(parse_float=_Num, parse_int=_Num, parse_const
 
 
 def _clip(text: str) -> str:
-    """Quote ``text`` for an error message, cut to a short excerpt (of the quoted form: an
-    escaped control character takes four characters)."""
+    """Quote ``text`` for an error message, cut to a short excerpt.
+
+    The excerpt is of the quoted form: an escaped control character takes four characters.
+    """
     quoted = repr(text[: _EXCERPT + 1])
     if len(text) > _EXCERPT or len(quoted) > _EXCERPT + 2:
         return quoted[: _EXCERPT + 1] + "'..."
@@ -186,8 +188,11 @@ def _is_number_text(text: str) -> bool:
 
 
 def _exponent_in_range(text: str) -> bool:
-    """Whether a number's exponent (``1e5``) has at most 6 digits: no meter measures past
-    that, and larger ones are beyond what a decimal can hold (``6e5555...`` broke it)."""
+    """Whether a number's exponent (``1e5``) has at most 6 digits.
+
+    No meter measures past that, and larger ones are beyond what a decimal can hold
+    (``6e5555...`` broke it).
+    """
     mark = max(text.find("e"), text.find("E"))
     return mark < 0 or len(text[mark + 1 :].lstrip("+-")) <= _MAX_EXPONENT_DIGITS
 

@@ -70,12 +70,14 @@ class AdaptiveLimit:
         metrics.concurrency_limit.set(self.limit)
 
     async def __aenter__(self) -> None:
+        """Wait until fewer than ``limit`` requests are in flight, then count this one."""
         async with self._cond:
             await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
             self.in_flight += 1
         self._metrics.requests_in_flight.set(self.in_flight)
 
     async def __aexit__(self, *exc: object) -> None:
+        """Count this request out and wake the waiters."""
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify_all()
