@@ -478,7 +478,7 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ratios(bridge: dict[str, Any], red: dict[str, Any]) -> dict[str, float | None]:
-    """bridge ÷ Node-RED for readings/s, CPU per 100k and peak RSS."""
+    """Bridge ÷ Node-RED for readings/s, CPU per 100k and peak RSS."""
 
     def ratio(key: str) -> float | None:
         a, b = bridge.get(key), red.get(key)

@@ -282,7 +282,8 @@ def publish(
     Packets are encoded before the first write, so only the writes are timed.
 
     Args:
-        host, port: the broker.
+        host: the broker's address.
+        port: the broker's port.
         workload: what to publish.
         seqs: which readings (all of them when ``None``), in this order.
         connections: parallel connections; chunk ``j`` goes out on connection ``j % connections``.

@@ -49,7 +49,7 @@ def _sample(file: str) -> bytes:
 
 
 def _cases() -> dict[str, tuple[dict[str, Any], bytes, bytes]]:
-    """route name -> (route fields, topic, payload)."""
+    """Route name -> (route fields, topic, payload)."""
     cases: dict[str, tuple[dict[str, Any], bytes, bytes]] = {
         "flat": ({}, b"meters/1/meter-0007/telemetry", _FLAT % (1_788_945_240, 7)),
         "generic": (

@@ -486,8 +486,11 @@ class Scenarios:
         }
 
     def replicas(self, count: int) -> dict[str, Any]:
-        """``count`` bridges in one share group (``mqtt.share_group``) on one broker, readings
-        published flat out; readings/s to the cloud, and each replica's share."""
+        """Run ``count`` bridges in one share group (``mqtt.share_group``) on one broker.
+
+        Readings are published flat out; the result is readings/s to the cloud and each
+        replica's share.
+        """
         workload = self._workload()
         rig = _Rig(self._dir(f"replicas-{count}"))
         bridges: list[BridgeProcess] = []

@@ -98,8 +98,11 @@ class App:
         self._stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read credentials (files or environment) on the next request, and the
-        device registry (a bad file keeps the previous table)."""
+        """SIGHUP: re-read the credentials and the device registry on their next use.
+
+        Credentials come from files or the environment on the next request; a bad registry file
+        keeps the previous table.
+        """
         log.info("reloading credentials", extra={"source": self.credentials.source})
         self.credentials.reload()
         if self._pusher is not None:

@@ -8,7 +8,7 @@ import importlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -20,6 +20,10 @@ from bridge.errors import (
     MappingError,
     MessageSkipped,
 )
+
+if TYPE_CHECKING:
+    from bridge.config import Settings
+    from bridge.intake.registry import Registry
 
 __all__ = ["main"]
 
@@ -54,14 +58,39 @@ def _masked(settings: Any) -> dict[str, Any]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridge.config import has_daylight_saving, per_point_warning  # noqa: PLC0415
     from bridge.credentials import CredentialsProvider  # noqa: PLC0415
-    from bridge.intake.mapping import Mapper  # noqa: PLC0415
     from bridge.intake.registry import Registry  # noqa: PLC0415
 
     settings = _load(args.config)
     # A bad registry file stops `run`: fail here the same way, naming the file and line.
     registry = Registry.from_settings(settings.registry)
+    warnings = _warnings(settings)
+    creds = CredentialsProvider(settings.cloud.credentials)
+    out: dict[str, Any] = {"settings": _masked(settings), "credentials": creds.describe()}
+    if registry is not None:
+        out["registry"] = {"file": str(registry.path), "entries": len(registry)}
+    if warnings:
+        out["warnings"] = warnings
+    status = 0
+    try:
+        creds.check_format()
+    except CredentialsMalformedError as exc:
+        # `run` refuses to start with these: say so, and fail.
+        out["errors"] = [str(exc)]
+        status = 1
+    if args.sample is not None:
+        topic, payload = args.sample
+        out["sample"], rejected = _sample(settings, registry, topic, payload)
+        if rejected:
+            status = 1
+    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return status
+
+
+def _warnings(settings: Settings) -> list[str]:
+    """One line for each risky setting `check` reports (none of them stops `run`)."""
+    from bridge.config import has_daylight_saving, per_point_warning  # noqa: PLC0415
+
     warnings: list[str] = []
     if settings.mqtt.tls.insecure:
         warnings.append("mqtt.tls.insecure is on: the broker's certificate is NOT verified")
@@ -81,74 +110,58 @@ def _check(args: argparse.Namespace) -> int:
         warnings.append(shared)
     if settings.cloud.endpoint == "http://127.0.0.1:8080":
         warnings.append("cloud.endpoint is the default local stand-in (energy-bridge cloud-stub)")
-    creds = CredentialsProvider(settings.cloud.credentials)
-    out: dict[str, Any] = {"settings": _masked(settings), "credentials": creds.describe()}
-    if registry is not None:
-        out["registry"] = {"file": str(registry.path), "entries": len(registry)}
-    if warnings:
-        out["warnings"] = warnings
-    status = 0
-    try:
-        creds.check_format()
-    except CredentialsMalformedError as exc:
-        # `run` refuses to start with these: say so, and fail.
-        out["errors"] = [str(exc)]
-        status = 1
-    if args.sample is not None:
-        topic, payload = args.sample
-        mapper = Mapper(
-            settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
-        )
-        route = mapper.route_of(topic.encode())
-        try:
-            traced = mapper.explain(topic.encode(), payload.encode(), time.time())
-            if registry is not None:
-                # The registry keeps order and length (or refuses the message as a whole).
-                renamed = registry.apply([r for r, _ in traced])
-                traced = [(r, sources) for r, (_, sources) in zip(renamed, traced, strict=True)]
-        except MappingError as exc:
-            out["sample"] = {
-                "route": route,
-                "rejected": {"reason": exc.reason, "detail": exc.detail},
-            }
-            status = 1
-        except MessageSkipped as exc:
-            out["sample"] = {
-                "route": route,
-                "skipped": {"reason": exc.reason, "detail": exc.detail},
-            }
-        else:
-            from bridge.models import (  # noqa: PLC0415
-                NO_DEVICE_ID_TYPES,
-                build_body,
-                serialize_entry,
-            )
+    return warnings
 
-            bodies: dict[str, list[bytes]] = {}
-            shown = []
-            for r, sources in traced:
-                shown.append(
-                    {
-                        "deviceType": r.device_type,
-                        "deviceId": r.device_id,
-                        "recordTime": r.record_time,
-                        "points": {
-                            name: {"value": value, "from": sources.get(name, "?")}
-                            for name, value in r.data.items()
-                        },
-                    }
-                )
-                device_id = None if r.device_type in NO_DEVICE_ID_TYPES else r.device_id
-                bodies.setdefault(r.device_type, []).append(
-                    serialize_entry(device_id, r.record_time, r.data_json)
-                )
-            out["sample"] = {
-                "route": route,
-                "readings": shown,
-                "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()],
+
+def _sample(
+    settings: Settings, registry: Registry | None, topic: str, payload: str
+) -> tuple[dict[str, Any], bool]:
+    """What `check --sample` shows for one message, and whether the message was rejected.
+
+    The message is mapped as `run` would map it (the registry applied): its readings with each
+    point's source and the push bodies they make, or the skip or rejection reason.
+    """
+    from bridge.intake.mapping import Mapper  # noqa: PLC0415
+
+    mapper = Mapper(
+        settings.routes, settings.timezone, max_payload_bytes=settings.mqtt.max_payload_bytes
+    )
+    route = mapper.route_of(topic.encode())
+    try:
+        traced = mapper.explain(topic.encode(), payload.encode(), time.time())
+        if registry is not None:
+            # The registry keeps order and length (or refuses the message as a whole).
+            renamed = registry.apply([r for r, _ in traced])
+            traced = [(r, sources) for r, (_, sources) in zip(renamed, traced, strict=True)]
+    except MappingError as exc:
+        return {"route": route, "rejected": {"reason": exc.reason, "detail": exc.detail}}, True
+    except MessageSkipped as exc:
+        return {"route": route, "skipped": {"reason": exc.reason, "detail": exc.detail}}, False
+    from bridge.models import NO_DEVICE_ID_TYPES, build_body, serialize_entry  # noqa: PLC0415
+
+    bodies: dict[str, list[bytes]] = {}
+    shown = []
+    for r, sources in traced:
+        shown.append(
+            {
+                "deviceType": r.device_type,
+                "deviceId": r.device_id,
+                "recordTime": r.record_time,
+                "points": {
+                    name: {"value": value, "from": sources.get(name, "?")}
+                    for name, value in r.data.items()
+                },
             }
-    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
-    return status
+        )
+        device_id = None if r.device_type in NO_DEVICE_ID_TYPES else r.device_id
+        bodies.setdefault(r.device_type, []).append(
+            serialize_entry(device_id, r.record_time, r.data_json)
+        )
+    return {
+        "route": route,
+        "readings": shown,
+        "push_bodies": [orjson.loads(build_body(t, e)) for t, e in bodies.items()],
+    }, False
 
 
 def _delegate(module: str) -> tuple[Any, Any]:

@@ -177,8 +177,11 @@ class MqttSettings(_Section):
         return self
 
     def shared(self, topic_filter: str) -> str:
-        """``topic_filter`` as this replica subscribes it: ``$share/<group>/<filter>`` when
-        ``share_group`` is set, else unchanged."""
+        """``topic_filter`` as this replica subscribes it.
+
+        That is ``$share/<group>/<filter>`` when ``share_group`` is set, else the filter
+        unchanged.
+        """
         if self.share_group is None:
             return topic_filter
         return f"$share/{self.share_group}/{topic_filter}"
@@ -265,8 +268,11 @@ def _checked_decimal(value: object, what: str) -> str:
 
 
 class PointSource(_Section):
-    """Where one Energy Expert point comes from: a path, or the exact sum of several; then an
-    optional exact decimal factor. Written as a bare path string for the first form."""
+    """Where one Energy Expert point comes from: a path, or the exact sum of several.
+
+    Either form takes an optional exact decimal factor. The first form is written as a bare path
+    string.
+    """
 
     path: str | None = None
     """Path of the value inside the record (``ENERGY.Power``)."""
@@ -505,9 +511,10 @@ class Route(_Section):
         return self
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> Route:
-        """This route with ``defaults`` for the keys the user did not set: how a preset (a
-        device family's topic, records, id, time and points) becomes a route. Keys the user
-        set win; the result is validated like any route.
+        """This route with ``defaults`` for the keys the user did not set.
+
+        This is how a preset (a device family's topic, records, id, time and points) becomes a
+        route. Keys the user set win; the result is validated like any route.
 
         Raises:
             pydantic.ValidationError: when the merged route is not valid.
@@ -517,8 +524,10 @@ class Route(_Section):
 
     @property
     def generic(self) -> bool:
-        """Whether the route uses any of the generic mapping keys or a preset (else a JSON
-        payload takes the flat fast path)."""
+        """Whether the route uses any of the generic mapping keys or a preset.
+
+        Otherwise a JSON payload takes the flat fast path.
+        """
         optional = (self.records, self.device_id, self.time, self.time_format, self.align_secs,
                     self.points, self.max_age_days)  # fmt: skip
         return (
@@ -531,8 +540,11 @@ class Route(_Section):
 
     @property
     def topics(self) -> tuple[str, ...]:
-        """The route's topic templates: its ``topic``, or a preset's defaults when it has none;
-        none for ``sparkplug-b`` (its messages are read by the Sparkplug intake, not matched)."""
+        """The route's topic templates: its ``topic``, or a preset's defaults when it has none.
+
+        A ``sparkplug-b`` route has none: its messages are read by the Sparkplug intake, not
+        matched.
+        """
         if self.format is PayloadFormat.SPARKPLUG_B:
             return ()
         if self.format.preset and "topic" not in self.model_fields_set:
@@ -546,8 +558,10 @@ class Route(_Section):
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
-        """The MQTT topic filters that cover the route's templates (``sparkplug-b``: the
-        Sparkplug namespace, or its ``sparkplug_group``)."""
+        """The MQTT topic filters that cover the route's templates.
+
+        For ``sparkplug-b`` that is the Sparkplug namespace, or its ``sparkplug_group``.
+        """
         if self.format is PayloadFormat.SPARKPLUG_B:
             if self.sparkplug_group is None:
                 return ("spBv1.0/#",)
@@ -675,8 +689,11 @@ class CloudSettings(_Section):
 
     @property
     def plain_http_beyond_loopback(self) -> bool:
-        """Whether the endpoint is plain ``http://`` to a host that is not this machine (not a
-        loopback address, not ``localhost``): readings and signed requests travel unencrypted."""
+        """Whether the endpoint is plain ``http://`` to a host that is not this machine.
+
+        Not a loopback address, not ``localhost``: readings and signed requests would travel
+        unencrypted.
+        """
         parts = urlsplit(self.endpoint)
         if parts.scheme != "http":
             return False
@@ -857,7 +874,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (passed as init kwargs).
+        """Read the environment, then the file (passed as init kwargs); nothing else.
+
+        The environment overrides the file. No dotenv file and no secrets directory are read.
+        """
         return (env_settings, init_settings)
 
 
@@ -885,8 +905,10 @@ def per_point_warning(settings: Settings) -> str | None:
 
 
 def has_daylight_saving(zone: str, *, around: datetime | None = None) -> bool:
-    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``
-    (now when ``None``): its UTC offset is not the same all year (daylight saving time).
+    """Whether the clocks of IANA ``zone`` change within a year before or after ``around``.
+
+    ``around`` is now when ``None``. A change means the UTC offset is not the same all year
+    (daylight saving time).
 
     In such a zone local time without an offset, as ``recordTime`` is, is ambiguous: when the
     clocks go back, two instants an hour apart have the same local time.
@@ -989,8 +1011,10 @@ _QUOTED = re.compile(r"'([^']*)'")
 
 
 def _redact_quoted(text: str) -> str:
-    """``text`` with quoted source text (an alias or tag name) replaced by ``'...'``; a quoted
-    single character or escape (``'q'``, ``'\\t'``) is kept: it tells what to fix."""
+    r"""``text`` with quoted source text (an alias or tag name) replaced by ``'...'``.
+
+    A quoted single character or escape (``'q'``, ``'\t'``) is kept: it tells what to fix.
+    """
 
     def keep_short(match: re.Match[str]) -> str:
         inner = match.group(1)

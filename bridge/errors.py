@@ -67,8 +67,10 @@ class MappingError(BridgeError):
 
 
 class MessageSkipped(BridgeError):
-    """A message on a preset's topics that is not a reading and needs none (a Tasmota
-    ``LWT``, a Shelly ``online``, Homie metadata): acknowledged and counted, not dead-lettered.
+    """A message on a preset's topics that is not a reading and needs none.
+
+    A Tasmota ``LWT``, a Shelly ``online``, Homie metadata: acknowledged and counted, not
+    dead-lettered.
 
     Attributes:
         reason: a short stable code used as a metric label (``availability`` ...).
@@ -98,5 +100,7 @@ class CredentialsError(BridgeError):
 
 
 class CredentialsMalformedError(CredentialsError):
-    """A credential is there but cannot be right (a line break, space or control character
-    inside); the message names the file or variable, never the value."""
+    """A credential is there but cannot be right (a line break, space or control character).
+
+    The message names the file or variable, never the value.
+    """

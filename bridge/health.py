@@ -95,7 +95,8 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server: Any = site._server
+        # The port actually bound (``port: 0``): TCPSite has no public accessor for its server.
+        server: Any = site._server  # noqa: SLF001
         sockets = getattr(server, "sockets", None)
         port = int(sockets[0].getsockname()[1]) if sockets else self._port
         log.info("http listening", extra={"listen": f"{self._host}:{port}"})

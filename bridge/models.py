@@ -1,5 +1,6 @@
-"""The bridge's own value types: the only types that cross from one stage to the next, and the
-wire form of a push request body.
+"""The bridge's own value types and the wire form of a push request body.
+
+They are the only types that cross from one stage to the next.
 
 Plain slotted classes on purpose: they are created once per message on the hot path, where
 pydantic validation would cost more than the rest of the pipeline together.
@@ -127,8 +128,9 @@ class Reading:
         reading.device_id = device_id
         reading.record_ts = record_ts
         reading.record_time = record_time
-        reading._data = None
-        reading._json = data_json
+        # The class's own alternate constructor: it fills the private slots __init__ would.
+        reading._data = None  # noqa: SLF001
+        reading._json = data_json  # noqa: SLF001
         reading.received_at = received_at
         reading.hold_until = 0.0
         return reading

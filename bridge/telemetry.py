@@ -107,8 +107,10 @@ def _le(bound: float) -> str:
 
 
 class Metrics:
-    """The bridge's metrics, registered in one registry (a fresh one per app, so tests can
-    run several apps in one process)."""
+    """The bridge's metrics, registered in one registry.
+
+    A fresh registry per app, so tests can run several apps in one process.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()

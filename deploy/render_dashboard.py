@@ -463,7 +463,8 @@ def build_series(panel: dict[str, Any], answers: list[Any], grid: np.ndarray) ->
 def apply_override(series: Series, properties: list[dict[str, Any]]) -> None:
     """Apply the override properties the dashboard uses to one series."""
     for prop in properties:
-        key, value = prop["id"], prop.get("value")
+        key = prop["id"]
+        value: Any = prop.get("value")  # a JSON value whose shape depends on the key
         if key == "color" and value.get("mode") == "fixed":
             series.color = color(value.get("fixedColor"))
         elif key == "unit":
@@ -621,7 +622,7 @@ def draw_timeseries(
     for is_right, target in axes.items():
         members = [one for one in series if one.right_axis == is_right]
         unit = members[0].unit if members else defaults.get("unit")
-        tops = [np.nanmax(base[is_right])] if stacked and members else []
+        tops = [float(np.nanmax(base[is_right]))] if stacked and members else []
         tops += [one.max for one in members if math.isfinite(one.max)]
         bottoms = [np.nanmin(one.values) for one in members if math.isfinite(one.max)]
         low = min([0.0, *bottoms]) if "axisSoftMin" in custom else min(bottoms, default=0.0)

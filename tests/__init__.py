@@ -1,0 +1,1 @@
+"""The test suite (see ``tests/conftest.py`` for the shared fixtures)."""

@@ -177,8 +177,10 @@ def _decode(payload: bytes) -> Any:
 
 
 def _clip(text: str) -> str:
-    """Quote ``text`` for an error message, cut to a short excerpt (of the quoted form: an
-    escaped control character takes four characters)."""
+    """Quote ``text`` for an error message, cut to a short excerpt.
+
+    The excerpt is of the quoted form: an escaped control character takes four characters.
+    """
     quoted = repr(text[: _EXCERPT + 1])
     if len(text) > _EXCERPT or len(quoted) > _EXCERPT + 2:
         return quoted[: _EXCERPT + 1] + "'..."
@@ -222,8 +224,11 @@ def _is_number_text(text: str) -> bool:
 
 
 def _exponent_in_range(text: str) -> bool:
-    """Whether a number's exponent (``1e5``) has at most 6 digits: no meter measures past
-    that, and larger ones are beyond what a decimal can hold (``6e5555...`` broke it)."""
+    """Whether a number's exponent (``1e5``) has at most 6 digits.
+
+    No meter measures past that, and larger ones are beyond what a decimal can hold
+    (``6e5555...`` broke it).
+    """
     mark = max(text.find("e"), text.find("E"))
     return mark < 0 or len(text[mark + 1 :].lstrip("+-")) <= _MAX_EXPONENT_DIGITS
 
@@ -425,8 +430,11 @@ Traced = list[tuple[Reading, dict[str, str]]]
 
 
 def _numeric_text(value: object) -> str | None:
-    """The exact text of a number or numeric string, ``None`` for anything else (null, a word,
-    a boolean, an object, an array, NaN): the lenient form of :func:`_value_text`."""
+    """The exact text of a number or numeric string, ``None`` for anything else.
+
+    Anything else is null, a word, a boolean, an object, an array, NaN: this is the lenient form
+    of :func:`_value_text`.
+    """
     if not isinstance(value, str):
         return None
     kind = type(value)
@@ -440,8 +448,10 @@ def _numeric_text(value: object) -> str | None:
 
 
 def _bounded(number: Decimal, point: str, text: str) -> Decimal:
-    """``number`` if its digits stay within what is converted exactly (bounds the work and
-    the length of the plain text), else ``bad_value``."""
+    """``number`` if its digits stay within what is converted exactly, else ``bad_value``.
+
+    The bound limits the work and the length of the plain text.
+    """
     exponent = number.as_tuple().exponent
     if (
         not isinstance(exponent, int)
@@ -496,9 +506,12 @@ _FIELD_ORDER: Final = "YmdHMS"
 
 
 def _fixed_plan(fmt: str) -> tuple[int, tuple[tuple[int, int, int], ...], str] | None:
-    """For a format of only ``%Y %m %d %H %M %S`` and literal characters, its text length,
-    each field as (index into ``YmdHMS``, start, end), and the text with the fields blanked;
-    ``None`` for any other format (read by ``strptime``)."""
+    """The plan for reading a fixed-width ``%Y %m %d %H %M %S`` format without ``strptime``.
+
+    For a format of only those fields and literal characters: its text length, each field as
+    (index into ``YmdHMS``, start, end), and the text with the fields blanked; ``None`` for any
+    other format (read by ``strptime``).
+    """
     fields: list[tuple[int, int, int]] = []
     template: list[str] = []
     i = 0
@@ -546,10 +559,12 @@ def _time_with_format(
     tz: ZoneInfo,
     plan: tuple[int, tuple[tuple[int, int, int], ...], str] | None = None,
 ) -> int | None:
-    """Epoch seconds of ``raw`` read with the ``strptime`` format ``fmt`` (naive times in
-    ``tz``); ``None`` when it does not fit the format. ``plan`` (:func:`_fixed_plan`) reads
-    fixed-width digit formats without ``strptime``, which is slow (other texts still go to
-    ``strptime``, which also takes fields written with fewer digits)."""
+    """Epoch seconds of ``raw`` read with the ``strptime`` format ``fmt`` (naive times in ``tz``).
+
+    ``None`` when it does not fit the format. ``plan`` (:func:`_fixed_plan`) reads fixed-width
+    digit formats without ``strptime``, which is slow (other texts still go to ``strptime``,
+    which also takes fields written with fewer digits).
+    """
     if not isinstance(raw, str) or type(raw) is _Const or len(raw) > _MAX_FORMATTED_TIME:
         return None
     values = None if plan is None else _fixed_fields(str(raw), plan)
@@ -861,8 +876,10 @@ class Mapper:
         return readings
 
     def explain(self, topic: bytes, payload: bytes, received_at: float) -> Traced:
-        """Like :meth:`map`, with each reading the source of each of its points (a path, a sum,
-        the topic's ``{point}``): what ``energy-bridge check --sample`` shows.
+        """Like :meth:`map`, with each reading the source of each of its points.
+
+        A source is a path, a sum or the topic's ``{point}``: what ``energy-bridge check
+        --sample`` shows.
 
         Raises:
             MappingError: as :meth:`map`.
@@ -1110,8 +1127,10 @@ class Mapper:
         raw_time: object,
         received_at: float,
     ) -> Reading:
-        """A reading of the points found: route scales, the time by the route's rules,
-        aligned (and held) when the route says so; traced for :meth:`explain`."""
+        """A reading of the points found, scaled and timed by the route's rules.
+
+        The time is aligned (and held) when the route says so; traced for :meth:`explain`.
+        """
         device_type, device_id = device
         if len(data) > self._max_points:
             raise MappingError(
@@ -1147,8 +1166,11 @@ class Mapper:
         payload: bytes,
         received_at: float,
     ) -> list[Reading]:
-        """A preset's message: its hook finds the records, the route's (or the preset's)
-        points are read from each; a message with nothing to send is skipped, not rejected."""
+        """Map a preset's message: its hook finds the records, the points are read from each.
+
+        The points are the route's, or the preset's; a message with nothing to send is skipped,
+        not rejected.
+        """
         preset = matcher.preset
         spec = matcher.spec
         assert preset is not None  # noqa: S101 - set with spec

@@ -149,8 +149,11 @@ class _BufferedClient(paho.Client):
         return super()._sock_recv(_READ_CHUNK)
 
     def _guard_oversized(self, packet: Any, bufsize: int) -> int:
-        """Drop the body of an oversized PUBLISH past ``max_packet``; returns what paho may
-        read now (raises BlockingIOError while dropped bytes are still to come)."""
+        """Drop the body of an oversized PUBLISH past ``max_packet``.
+
+        Returns what paho may read now; raises BlockingIOError while dropped bytes are still
+        to come.
+        """
         self.oversized = packet["remaining_length"]
         kept = len(packet["packet"])
         if kept < self.max_packet:
@@ -243,8 +246,10 @@ class MqttSource:
         return sent
 
     def publish(self, topic: str, payload: bytes) -> bool:
-        """Publish at QoS 0 on the session (a Sparkplug rebirth request); returns whether it
-        was sent, which it is not while the session is down."""
+        """Publish at QoS 0 on the session (a Sparkplug rebirth request).
+
+        Returns whether it was sent, which it is not while the session is down.
+        """
         if not self._session_up:
             return False
         try:
@@ -726,8 +731,11 @@ class MqttSource:
         )
 
     def _flapping_problem(self) -> str | None:
-        """Not ready while connections keep being closed at once (two bridges, one client id:
-        each takes the session from the other, and acks of the lost connection are lost)."""
+        """Not ready while connections keep being closed at once.
+
+        The usual cause: two bridges with one client id, each taking the session from the
+        other; the acks of the lost connection are lost.
+        """
         now = time.monotonic()
         recent = [t for t in self._flaps if now - t < _FLAP_WINDOW_SECS]
         if len(recent) < _FLAPS_NOT_READY:

@@ -204,6 +204,9 @@ def _topic_alias(buf: bytes | bytearray, pos: int, end: int) -> int | None:
 
 
 def pubacks(mids: list[int]) -> bytes:
-    """PUBACK packets for ``mids``, in order, as one block of bytes (success: the v5 reason
-    code and properties may be left out, which makes the packet the same as in 3.1.1)."""
+    """PUBACK packets for ``mids``, in order, as one block of bytes.
+
+    All say success: the v5 reason code and properties may then be left out, which makes the
+    packet the same as in 3.1.1.
+    """
     return b"".join([b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids])

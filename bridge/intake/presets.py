@@ -58,8 +58,11 @@ class Message(NamedTuple):
 
 
 class Record(NamedTuple):
-    """What a hook found: the values the points' paths read, and the record's own device id
-    and time (``None``: the topic's id, the receive time)."""
+    """What a hook found: the values the points' paths read, and the record's id and time.
+
+    The id and time are ``None`` when the record has none: then the topic's id and the receive
+    time apply.
+    """
 
     values: dict[str, Any]
     device_id: str | None = None
@@ -110,8 +113,11 @@ def _p(path: str, scale: str | None = None) -> Rule:
 
 
 def _phases(head: str, scale: str | None = None) -> tuple[Rule, ...]:
-    """A Tasmota scalar, else the sum of its array's phases (three, or two channels); the
-    scalar first, as single-phase devices are the common case (an array is no number)."""
+    """A Tasmota scalar, else the sum of its array's phases (three, or two channels).
+
+    The scalar is tried first, as single-phase devices are the common case (an array is no
+    number).
+    """
     return (
         _p(head, scale),
         Rule(sum=(f"{head}[0]", f"{head}[1]", f"{head}[2]"), scale=scale),
@@ -170,8 +176,11 @@ _NOTIFY: Final = frozenset({"NotifyStatus", "NotifyFullStatus"})
 
 
 def _shelly_gen2(msg: Message, decode: Decode) -> list[Record]:
-    """``<id>/status/<component>`` (no time) and ``<id>/events/rpc`` notifications (device
-    from ``src``, time ``params.ts``); the record is ``{component: status}`` either way."""
+    """Shelly Gen2: ``<id>/status/<component>`` and ``<id>/events/rpc`` notifications.
+
+    A status has no time; a notification gives the device in ``src`` and the time in
+    ``params.ts``. The record is ``{component: status}`` either way.
+    """
     levels = msg.levels
     if levels[-1] == "online":
         raise _skip("availability", "Shelly online message")
@@ -207,8 +216,10 @@ SHELLY_GEN1_POINTS: Final[Mapping[str, tuple[Rule, ...]]] = {
 
 
 def _shelly_gen1(msg: Message, decode: Decode) -> list[Record]:
-    """``shellies/<id>/emeter/<i>/<quantity>``: one bare value a topic, the record nested by
-    the levels after the id (``emeter."0".voltage``)."""
+    """Shelly Gen1: ``shellies/<id>/emeter/<i>/<quantity>``, one bare value a topic.
+
+    The record is nested by the levels after the id (``emeter."0".voltage``).
+    """
     rest = msg.after_id
     if rest == ["online"]:
         raise _skip("availability", "Shelly online message")
@@ -238,8 +249,11 @@ MBMD_POINTS: Final[Mapping[str, tuple[Rule, ...]]] = {
 
 
 def _mbmd(msg: Message, decode: Decode) -> list[Record]:
-    """``mbmd/<device>/<Measurement>[/L1]`` (``%.3f`` text); ``mbmd/status`` and Homie
-    ``homie/<device>/...`` are not readings (Homie repeats the values mbmd publishes)."""
+    """mbmd: ``mbmd/<device>/<Measurement>[/L1]`` (``%.3f`` text).
+
+    ``mbmd/status`` and Homie ``homie/<device>/...`` are not readings (Homie repeats the values
+    mbmd publishes).
+    """
     rest = msg.after_id
     if any(level.startswith("$") for level in msg.levels):
         raise _skip("metadata", "Homie attribute")
@@ -296,8 +310,10 @@ VICTRON_POINTS: Final[Mapping[str, tuple[Rule, ...]]] = {
 
 
 def _victron(msg: Message, decode: Decode) -> list[Record]:
-    """``N/<portal>/<service>/<instance>/<path>`` with ``{"value": x}``; the device is
-    ``<portal>/<service>/<instance>``, the record nested by the D-Bus path."""
+    """Victron: ``N/<portal>/<service>/<instance>/<path>`` with ``{"value": x}``.
+
+    The device is ``<portal>/<service>/<instance>``, the record nested by the D-Bus path.
+    """
     rest = msg.after_id
     if len(rest) < 3:
         raise _skip("device_state", "Victron message without service, instance and path")
@@ -317,8 +333,10 @@ def _victron(msg: Message, decode: Decode) -> list[Record]:
 
 
 def _neuron(msg: Message, decode: Decode) -> list[Record]:
-    """An upload: ``values`` (or ``tags[]``) of ``node`` at ``timestamp`` (ms); a tag in
-    ``errors`` or with an ``error`` is never sent."""
+    """Neuron: an upload's ``values`` (or ``tags[]``) of ``node`` at ``timestamp`` (ms).
+
+    A tag in ``errors`` or with an ``error`` is never sent.
+    """
     doc = _object(decode(msg.payload), "Neuron upload")
     errors = doc.get("errors")
     failed = errors if type(errors) is dict else {}
@@ -348,8 +366,11 @@ def _neuron(msg: Message, decode: Decode) -> list[Record]:
 
 
 def _alink_properties(props: object, device: str | None) -> list[Record]:
-    """Alink properties (``{id: {value, time}}``, ``{id: [{value, time}, ...]}`` or flat
-    ``{id: value}``) as one record per time."""
+    """Alink properties as one record per time.
+
+    The forms read: ``{id: {value, time}}``, ``{id: [{value, time}, ...]}`` and flat ``{id:
+    value}``.
+    """
     if type(props) is not dict:
         return []
     groups: dict[str | None, dict[str, Any]] = {}
@@ -366,8 +387,11 @@ def _alink_properties(props: object, device: str | None) -> list[Record]:
 
 
 def _alink(msg: Message, decode: Decode) -> list[Record]:
-    """``.../thing/event/property/post`` (and ``batch/post``, the gateway's ``pack/post``
-    with ``subDevices[]`` by ``identity.deviceName``); replies are not readings."""
+    """Alink: ``.../thing/event/property/post``, ``batch/post`` and the gateway's ``pack/post``.
+
+    A ``pack/post`` holds ``subDevices[]``, each named by ``identity.deviceName``; replies are
+    not readings.
+    """
     last = msg.levels[-1]
     if last.endswith("_reply"):
         raise _skip("device_state", "Alink reply")
@@ -409,8 +433,11 @@ def _thingsboard_entries(doc: object, device: str | None) -> list[Record]:
 
 
 def _thingsboard(msg: Message, decode: Decode) -> list[Record]:
-    """Device telemetry (``{ts, values}`` or flat, or arrays of them) and the gateway's
-    ``v1/gateway/telemetry`` keyed by device name; other gateway messages are not readings."""
+    """ThingsBoard: device telemetry and the gateway's ``v1/gateway/telemetry``.
+
+    Device telemetry is ``{ts, values}`` or flat, or arrays of them; the gateway's is keyed by
+    device name. Other gateway messages are not readings.
+    """
     levels = msg.levels
     if levels[-1] != "telemetry":
         raise _skip("device_state", "ThingsBoard message that is not telemetry")

@@ -198,11 +198,11 @@ def split_entries(
     max_bytes: int,
     max_devices: int | None = None,
 ) -> list[Batch]:
-    """Pack serialized entries, in order, into batches whose body fits ``max_bytes`` (and
-    that hold at most ``max_devices`` entries, when given).
+    """Pack serialized entries, in order, into batches whose body fits ``max_bytes``.
 
-    An entry larger than ``max_bytes`` on its own still goes out, alone: it cannot be split,
-    and the service decides whether it is acceptable.
+    A batch also holds at most ``max_devices`` entries, when given. An entry larger than
+    ``max_bytes`` on its own still goes out, alone: it cannot be split, and the service decides
+    whether it is acceptable.
     """
     head = len(build_body(key.device_type, []))
     out: list[Batch] = []

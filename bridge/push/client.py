@@ -65,8 +65,10 @@ class PushResult:
 
     @property
     def label(self) -> str:
-        """What went wrong in one word, for metrics and logs: the cloud's code, else the
-        local failure, else the HTTP status."""
+        """What went wrong in one word, for metrics and logs.
+
+        The cloud's code, else the local failure, else the HTTP status.
+        """
         return self.code or (self.failure.value if self.failure else str(self.status))
 
 
@@ -121,6 +123,7 @@ class PushClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PushClient:
+        """Open the HTTP session (TLS verified unless ``verify_tls`` is off)."""
         ssl_ctx: ssl.SSLContext | bool = True
         if not self._verify:
             ssl_ctx = False
@@ -139,6 +142,7 @@ class PushClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Close the HTTP session; the client can be entered again."""
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -59,16 +59,16 @@ def _cuts(batch: Batch, refusal: PushResult) -> list[tuple[int, int]]:
 
 
 class AdaptiveLimit:
-    """Concurrency limit between 1 and ``maximum``: opens while latency is the constraint,
-    closes on throttling (TCP's slow start and AIMD, counted in requests).
+    """Concurrency limit between 1 and ``maximum``: TCP's slow start and AIMD, in requests.
 
-    It starts at ``initial``. While requests wait for a slot (the limit, not the supply of
-    batches, is what holds delivery back) each success adds one, doubling the limit every round
-    trip, up to ``threshold``; past it each success adds ``1 / limit`` (one per round trip).
-    Throttling halves the limit and sets the threshold there, so after a throttle the limit
-    creeps back rather than doubling into the cloud's quota again. A cloud that answers slowly
-    but without throttling therefore gets up to ``maximum`` requests at a time, and one that
-    throttles gets about what it accepts.
+    It opens while latency is the constraint and closes on throttling. It starts at
+    ``initial``. While requests wait for a slot (the limit, not the supply of batches, is what
+    holds delivery back) each success adds one, doubling the limit every round trip, up to
+    ``threshold``; past it each success adds ``1 / limit`` (one per round trip). Throttling
+    halves the limit and sets the threshold there, so after a throttle the limit creeps back
+    rather than doubling into the cloud's quota again. A cloud that answers slowly but without
+    throttling therefore gets up to ``maximum`` requests at a time, and one that throttles gets
+    about what it accepts.
     """
 
     def __init__(self, maximum: int, metrics: Metrics, *, initial: int | None = None) -> None:
@@ -83,6 +83,7 @@ class AdaptiveLimit:
         metrics.concurrency_limit.set(self.limit)
 
     async def __aenter__(self) -> None:
+        """Wait until fewer than ``limit`` requests are in flight, then count this one."""
         async with self._cond:
             # Requests waiting for a slot are the demand beyond the limit that opens it.
             self._waiting += 1
@@ -94,14 +95,17 @@ class AdaptiveLimit:
         self._metrics.requests_in_flight.set(self.in_flight)
 
     async def __aexit__(self, *exc: object) -> None:
+        """Count this request out and wake the waiters."""
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify_all()
         self._metrics.requests_in_flight.set(self.in_flight)
 
     def on_success(self) -> None:
-        """Open up when requests had to wait for a slot: +1 below the threshold, else
-        +1/limit; without waiting requests the limit stays where it is."""
+        """Open up when requests had to wait for a slot: +1 below the threshold, else +1/limit.
+
+        Without waiting requests the limit stays where it is.
+        """
         if not self._waiting:
             return
         step = 1.0 if self.limit < self.threshold else 1.0 / self.limit

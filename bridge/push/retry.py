@@ -13,8 +13,10 @@ __all__ = ["Failure", "Outcome", "backoff", "classify"]
 
 
 class Failure(StrEnum):
-    """Why an attempt got no answer from the cloud (beside the cloud's own codes, never mixed
-    with them)."""
+    """Why an attempt got no answer from the cloud.
+
+    Kept beside the cloud's own codes, never mixed with them.
+    """
 
     TIMEOUT = "timeout"
     """No complete answer within ``cloud.request_timeout_secs`` (the cloud may have stored it)."""

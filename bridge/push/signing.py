@@ -1,10 +1,10 @@
-"""ACS3-HMAC-SHA256 (Alibaba Cloud signature V3) request signing; pure, no I/O.
+r"""ACS3-HMAC-SHA256 (Alibaba Cloud signature V3) request signing; pure, no I/O.
 
 ::
 
-    CanonicalRequest = METHOD \\n PATH \\n CANONICAL_QUERY \\n CANONICAL_HEADERS \\n
-                       SIGNED_HEADERS \\n BODY_SHA256
-    StringToSign     = "ACS3-HMAC-SHA256\\n" + hex(SHA256(CanonicalRequest))
+    CanonicalRequest = METHOD \n PATH \n CANONICAL_QUERY \n CANONICAL_HEADERS \n
+                       SIGNED_HEADERS \n BODY_SHA256
+    StringToSign     = "ACS3-HMAC-SHA256\n" + hex(SHA256(CanonicalRequest))
     Signature        = hex(HMAC-SHA256(AccessKeySecret, StringToSign))
     Authorization    = ACS3-HMAC-SHA256 Credential=<id>,SignedHeaders=<a;b;c>,Signature=<hex>
 
@@ -110,13 +110,13 @@ def canonical_request(  # noqa: PLR0917 - positional on purpose: the six parts i
 
 
 def string_to_sign(canonical: str) -> str:
-    """Turn a canonical request into the V3 string to sign.
+    r"""Turn a canonical request into the V3 string to sign.
 
     Args:
         canonical: the output of :func:`canonical_request`.
 
     Returns:
-        ``"ACS3-HMAC-SHA256\\n"`` followed by the hex SHA-256 of ``canonical``.
+        ``"ACS3-HMAC-SHA256\n"`` followed by the hex SHA-256 of ``canonical``.
     """
     return _STRING_TO_SIGN_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -1,2 +1,5 @@
-"""The spool: the SQLite store (every SQL statement lives in ``store``), the thread that owns
-it (``thread``), and the ``dlq`` command that looks at its dead letters."""
+"""The spool: the SQLite store, the thread that owns it, and the ``dlq`` command.
+
+Every SQL statement lives in ``store``; ``thread`` owns the store on the service's side; ``dlq``
+looks at the dead letters.
+"""

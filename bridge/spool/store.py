@@ -1,5 +1,7 @@
-"""The durable spool: SQLite in WAL mode, the only place a reading lives between the broker's
-acknowledgement and the cloud's ``"success"``. Every SQL statement of energy-bridge is here.
+"""The durable spool: SQLite in WAL mode; every SQL statement of energy-bridge is here.
+
+It is the only place a reading lives between the broker's acknowledgement and the cloud's
+``"success"``.
 
 Lifecycle: :meth:`SpoolStore.open` creates or migrates the schema; every method then runs on ONE
 thread (the one :class:`bridge.spool.thread.SpoolThread` owns, or the ``dlq`` command's), in
@@ -212,8 +214,11 @@ def _sqlite_failure(path: Path, exc: sqlite3.Error) -> SpoolError:
 
 @contextlib.contextmanager
 def _transaction(conn: sqlite3.Connection, path: Path) -> Iterator[None]:
-    """One write transaction; every SQLite failure becomes a :class:`SpoolError`, a full disk a
-    :class:`SpoolFullError`, and nothing of the transaction is left behind."""
+    """One write transaction, applied whole or not at all.
+
+    Every SQLite failure becomes a :class:`SpoolError`, a full disk a :class:`SpoolFullError`,
+    and nothing of the transaction is left behind.
+    """
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -526,8 +531,10 @@ class SpoolStore:
         return list(range(first, first + len(readings)))
 
     def _change_aliases(self, changes: Sequence[AliasRow]) -> None:
-        """Apply alias changes in order (inside a transaction): births are rare, so one
-        statement per change is cheap."""
+        """Apply alias changes in order, inside the caller's transaction.
+
+        Births are rare, so one statement per change is cheap.
+        """
         conn = self._conn
         for edge, alias, name, datatype in changes:
             if alias is None:

@@ -119,11 +119,11 @@ class SpoolThread:
         rejects: Sequence[Reject],
         aliases: Sequence[AliasRow] = (),
     ) -> asyncio.Future[list[SpooledReading]]:
-        """Store readings, dead letters and the Sparkplug alias changes their messages made;
-        resolves with the stored rows once committed.
+        """Store readings, dead letters and the Sparkplug alias changes their messages made.
 
-        The future fails with :class:`SpoolFullError` when there is no room, or with
-        :class:`SpoolError` when the store failed (nothing stored either way).
+        The future resolves with the stored rows once committed. It fails with
+        :class:`SpoolFullError` when there is no room, or with :class:`SpoolError` when the
+        store failed (nothing stored either way).
         """
         fut: asyncio.Future[list[SpooledReading]] = asyncio.get_running_loop().create_future()
         self._work.puts.append(_Put(readings, rejects, fut, aliases))

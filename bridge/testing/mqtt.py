@@ -1,5 +1,7 @@
-"""MQTT clients for tests, the demo and the benchmark: a publisher with a bounded window of
-unacknowledged QoS 1 messages, and a subscriber that collects what it receives.
+"""MQTT clients for tests, the demo and the benchmark.
+
+A publisher with a bounded window of unacknowledged QoS 1 messages, and a subscriber that
+collects what it receives.
 
 Like the service's own MQTT edge these wrap paho-mqtt; unlike it they run paho's network thread
 (they are tools, not the hot path).

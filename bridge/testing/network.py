@@ -443,8 +443,11 @@ class NetNamespace:
         return [self._ip, "netns", "exec", self.name, *argv]
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside the namespace; it is killed when this process dies or at
-        :meth:`delete`. ``kwargs`` go to :class:`subprocess.Popen`."""
+        """Start ``argv`` inside the namespace.
+
+        It is killed when this process dies or at :meth:`delete`. ``kwargs`` go to
+        :class:`subprocess.Popen`.
+        """
         if (
             sys.platform.startswith("linux")
             and threading.current_thread() is threading.main_thread()
@@ -582,8 +585,11 @@ class NetNamespace:
 
 
 class NetnsMosquitto(Mosquitto):
-    """A :class:`~bridge.testing.processes.Mosquitto` running inside ``netns`` and listening on
-    its address (``url`` is ``mqtt://10.203.x.2:PORT``); not reachable on the host's loopback."""
+    """A :class:`~bridge.testing.processes.Mosquitto` running inside ``netns``.
+
+    It listens on the namespace's address (``url`` is ``mqtt://10.203.x.2:PORT``) and is not
+    reachable on the host's loopback.
+    """
 
     def __init__(self, workdir: Path, netns: NetNamespace, **kwargs: Any) -> None:
         """Like :class:`Mosquitto` (same keyword arguments), inside ``netns``."""
@@ -603,8 +609,10 @@ class NetnsMosquitto(Mosquitto):
 
 
 class NetnsStub(StubProcess):
-    """A :class:`~bridge.testing.processes.StubProcess` (the cloud stand-in) running inside
-    ``netns`` and listening on its address (``url`` is ``http://10.203.x.2:PORT``)."""
+    """A :class:`~bridge.testing.processes.StubProcess` (the cloud stand-in) inside ``netns``.
+
+    It listens on the namespace's address (``url`` is ``http://10.203.x.2:PORT``).
+    """
 
     def __init__(self, workdir: Path, netns: NetNamespace, **kwargs: Any) -> None:
         """Like :class:`StubProcess` (same keyword arguments), inside ``netns``."""
@@ -818,9 +826,11 @@ class DelayProxy:
     # -- faults ------------------------------------------------------------------------------
 
     def freeze(self) -> None:
-        """Stop forwarding: nothing more is read or written, new connections wait (like a
-        partition; TCP buffers fill, no data is lost). :meth:`thaw` resumes. Also before
-        :meth:`start`."""
+        """Stop forwarding; :meth:`thaw` resumes. Also works before :meth:`start`.
+
+        Nothing more is read or written and new connections wait, like a partition: TCP
+        buffers fill, no data is lost.
+        """
         self._frozen = True
         if self.running:
             self._call(self._set_flowing(flowing=False))
@@ -1130,8 +1140,10 @@ class RemoteHost:
         listen_port: int = 0,
         target_host: str | None = None,
     ) -> DelayProxy:
-        """A started :class:`DelayProxy` from ``listen_host`` (loopback by default) to
-        ``target_port`` on :attr:`address`; stopped at :meth:`stop`."""
+        """A started :class:`DelayProxy` to ``target_port`` on :attr:`address`.
+
+        It listens on ``listen_host`` (loopback by default) and is stopped at :meth:`stop`.
+        """
         self._require_started()
         proxy = DelayProxy(
             listen_host,

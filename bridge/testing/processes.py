@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float,
     interval: float = 0.05,
     message: str | Callable[[], str] = "condition",

@@ -1,5 +1,7 @@
-"""A private Prometheus on a free loopback port, for the dashboard tests and the dashboard
-renderer: real queries against a real bridge's metrics, with the deployment's own rules."""
+"""A private Prometheus on a free loopback port, for the dashboard tests and renderer.
+
+Real queries against a real bridge's metrics, with the deployment's own rules.
+"""
 
 from __future__ import annotations
 

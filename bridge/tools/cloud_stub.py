@@ -655,8 +655,10 @@ class CloudStub:
                 )
 
     def _forget_all_but_recent(self, key: int, keep_max: int) -> None:
-        """Remember ``key`` among the last ``keep_max`` fingerprints; forget the one that
-        falls out, unless it occurs again within them."""
+        """Remember ``key`` among the last ``keep_max`` fingerprints.
+
+        The one that falls out is forgotten, unless it occurs again within them.
+        """
         recent, counts = self._recent, self._recent_counts
         recent.append(key)
         counts[key] += 1

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzers (atheris) and their bounded runs."""

@@ -1,5 +1,7 @@
-"""Coverage-guided fuzzing of the configuration loader (atheris): any file gives settings or a
-ConfigError that names the problem; nothing else, and never a secret in the message.
+"""Coverage-guided fuzzing of the configuration loader (atheris).
+
+Any file gives settings or a ConfigError that names the problem; nothing else, and never a
+secret in the message.
 
     .venv/bin/python tests/fuzz/fuzz_config.py tests/fuzz/corpus/config -max_total_time=600
 

@@ -1,5 +1,7 @@
-"""Coverage-guided fuzzing of the mapping (atheris): any topic and payload bytes give readings
-that obey the API's rules, or a MappingError with a known reason; nothing else, ever.
+"""Coverage-guided fuzzing of the mapping (atheris).
+
+Any topic and payload bytes give readings that obey the API's rules, or a MappingError with
+a known reason; nothing else, ever.
 
     .venv/bin/python tests/fuzz/fuzz_mapping.py tests/fuzz/corpus/mapping -max_total_time=600
 
@@ -16,7 +18,7 @@ from decimal import Decimal
 import atheris
 
 with atheris.instrument_imports():
-    from bridge.config import PayloadFormat, PointSource, Route
+    from bridge.config import NonNumeric, PayloadFormat, PointSource, Route
     from bridge.errors import MappingError
     from bridge.intake.mapping import REASONS, Mapper
 
@@ -32,23 +34,26 @@ ROUTES = [
     ),
     Route(topic="plant/{deviceId}/data", device_type="1", scale={"Ep_imp": "0.001"}),
     # The generic mapping: records, ids and times by path, named points, sums and scales.
-    Route(
-        topic="gw/{deviceId}/data",
-        device_type="1",
-        records="reported.meters",
-        device_id="addr",
-        time="timestamp",
-        time_format="%Y%m%d%H%M%S",
-        align_secs=60,
-        points={
-            "Ua": "Ua",
-            "Ia": "ENERGY.Current[0]",
-            "Ic": "ENERGY.Current[-1]",
-            "P": PointSource(path="ENERGY.Power", scale="0.001"),
-            "Ep_imp": PointSource(sum=["ENERGY.Total[0]", "ENERGY.Total[1]", '"em:0".t']),
-            "F": "$.f",
-        },
-        on_bad_time="receive_time",
+    # Validated from the configuration's form: a point may be a bare path string.
+    Route.model_validate(
+        {
+            "topic": "gw/{deviceId}/data",
+            "device_type": "1",
+            "records": "reported.meters",
+            "device_id": "addr",
+            "time": "timestamp",
+            "time_format": "%Y%m%d%H%M%S",
+            "align_secs": 60,
+            "points": {
+                "Ua": "Ua",
+                "Ia": "ENERGY.Current[0]",
+                "Ic": "ENERGY.Current[-1]",
+                "P": PointSource(path="ENERGY.Power", scale="0.001"),
+                "Ep_imp": PointSource(sum=["ENERGY.Total[0]", "ENERGY.Total[1]", '"em:0".t']),
+                "F": "$.f",
+            },
+            "on_bad_time": "receive_time",
+        }
     ),
     Route(
         topic="all/meters",
@@ -57,7 +62,7 @@ ROUTES = [
         time="$.ts",
         max_age_days=30,
         ignore=["state", "unit"],
-        on_non_numeric="skip",
+        on_non_numeric=NonNumeric.SKIP,
         renames={"a": "Ua"},
     ),
     Route(

@@ -1,6 +1,7 @@
-"""Coverage-guided fuzzing of the MQTT edge's own PUBLISH reader (atheris), differentially
-against paho's decoder: any bytes either decode to what paho decodes, or are refused by both
-(or by ours alone, for what we leave to paho); ours never raises anything but MalformedPacket.
+"""Differential fuzzing of the MQTT edge's own PUBLISH reader against paho (atheris).
+
+Coverage-guided: any bytes either decode to what paho decodes, or are refused by both (or by
+ours alone, for what we leave to paho); ours never raises anything but MalformedPacket.
 
     .venv/bin/python tests/fuzz/fuzz_packets.py tests/fuzz/corpus/packets -max_total_time=600
 """

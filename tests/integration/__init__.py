@@ -1,0 +1,1 @@
+"""Tests on real processes: mosquitto, the cloud stub and the bridge."""

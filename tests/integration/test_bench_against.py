@@ -20,8 +20,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_quick_live_scenario_for_the_bridge_anchor(tmp_path: Path) -> None:
-    """Test that the bridge side of the live scenario delivers every reading exactly once and
-    reports every process's CPU, without Node-RED."""
+    """Test that the live scenario's bridge side delivers every reading once and reports CPU.
+
+    Every process's CPU is reported; Node-RED is not needed.
+    """
     options = Options(
         readings=2_000,
         meters=20,

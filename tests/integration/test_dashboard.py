@@ -304,8 +304,11 @@ def test_alerts_go_off_when_things_break(
     bridge_factory: BridgeFactory,
     prometheus_factory: PrometheusFactory,
 ) -> None:
-    """Test that the alerts go off for refused credentials, a full spool, rejects, a lost
-    broker and a dead bridge (pending at least: their ``for`` is minutes long)."""
+    """Test that every alert goes off (pending at least) for the fault it watches.
+
+    The alerts go off for refused credentials, a full spool, rejects, a lost
+    broker and a dead bridge (pending at least: their ``for`` is minutes long).
+    """
     stub = stub_factory()
     bridge = bridge_factory(
         cloud_url=stub.url,
@@ -350,9 +353,11 @@ def test_replica_panel_and_starved_replica_alert(
     bridge_factory: BridgeFactory,
     prometheus_factory: PrometheusFactory,
 ) -> None:
-    """Test that the per-replica load panel shows each replica by client id, and that a
-    replica connected in the share group but getting no share raises EnergyBridgeReplicaStarved
-    while the other one receives."""
+    """Test that the per-replica load panel shows each replica and flags a starved one.
+
+    Replicas are shown by client id; a replica connected in the share group but getting no share
+    raises EnergyBridgeReplicaStarved while the other one receives.
+    """
     stub = stub_factory()
     busy = bridge_factory(cloud_url=stub.url, mqtt={"client_id": "eb-a", "share_group": "eb"})
     idle = bridge_factory(

@@ -303,19 +303,22 @@ def test_broker_restart_mid_stream_loses_nothing(
     items = list(iter_telemetry(meter_ids(100), total // 100, START_TS))
     publisher = _BackgroundPublisher(mosquitto, items, rate=1_500, chunk=500).start()
     for restart, after in enumerate((2_000, 5_000), start=1):
-        wait_until(lambda n=after: _distinct(stub) >= n, 60, message=f"{after} delivered")
+
+        def delivered(n: int = after) -> bool:
+            return _distinct(stub) >= n
+
+        def reconnected(n: int = restart) -> bool:
+            return (
+                bridge.metric("bridge_mqtt_reconnects_total") >= n
+                and bridge.metric("bridge_mqtt_connected") == 1
+            )
+
+        wait_until(delivered, 60, message=f"{after} delivered")
         # Between two chunks, so that no publish straddles the restart (the publisher is not
         # under test); the next test forces messages to be in flight at the restart.
         with publisher.gate:
             mosquitto.restart()
-        wait_until(
-            lambda n=restart: (
-                bridge.metric("bridge_mqtt_reconnects_total") >= n
-                and bridge.metric("bridge_mqtt_connected") == 1
-            ),
-            30,
-            message=f"bridge reconnected after restart {restart}",
-        )
+        wait_until(reconnected, 30, message=f"bridge reconnected after restart {restart}")
     publisher.join(120)
     wait_until(lambda: _distinct(stub) >= total, 60, message="every reading")
     wait_until(lambda: bridge.metric("bridge_spool_readings") == 0, 15, message="spool empty")
@@ -620,8 +623,11 @@ def test_fixed_credentials_resume_every_worker_promptly_after_sighup(
 def test_malformed_credentials_refuse_to_start(
     stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path, where: str
 ) -> None:
-    """Test that a credential with a CR/LF inside stops `run` at once with one line naming
-    the variable or file (never the value), instead of crashing at the first push."""
+    """Test that a credential with a CR/LF inside stops `run` at once, naming where it is.
+
+    A credential with a CR/LF inside stops `run` at once with one line naming
+    the variable or file (never the value), instead of crashing at the first push.
+    """
     secret = "testsecret\r\nX-Injected: 1"
     secret_file = tmp_path / "ak-secret"
     if where == "file":
@@ -650,10 +656,13 @@ def test_malformed_credentials_refuse_to_start(
 def test_credentials_file_broken_at_run_time_pauses_and_recovers_on_sighup(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path
 ) -> None:
-    """Test that an AccessKey id file broken with a CR/LF inside (it goes into a header: this
+    """Test that a CR/LF in a key id file re-read on SIGHUP keeps the bridge up and the data.
+
+    An AccessKey id file broken with a CR/LF inside (it goes into a header: this
     crashed the bridge) and re-read on SIGHUP leaves the bridge up and not ready with a
-    credentials reason, keeping every reading, and that fixing the file plus another SIGHUP
-    delivers them all."""
+    credentials reason, keeping every reading, and fixing the file plus another SIGHUP
+    delivers them all.
+    """
     key_id_file = tmp_path / "ak-id"
     secret_file = tmp_path / "ak-secret"
     key_id_file.write_text("testid\n", "utf-8")

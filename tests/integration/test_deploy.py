@@ -177,8 +177,11 @@ def test_dockerfile_entrypoint_is_the_energy_bridge_command() -> None:
 
 
 def test_dockerfile_base_image_is_pinned_to_an_exact_version() -> None:
-    """Test that the base image is one exact Python 3.11 patch release on one Debian release
-    (``python:3.11.N-slim-bookworm``, optionally with a digest), not a tag that moves."""
+    """Test that the base image is pinned to one Python patch release on one Debian release.
+
+    The base image is one exact Python 3.11 patch release on one Debian release
+    (``python:3.11.N-slim-bookworm``, optionally with a digest), not a tag that moves.
+    """
     base = last("FROM").args
     assert re.fullmatch(r"python:3\.11\.[0-9]+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
 
@@ -210,8 +213,11 @@ def test_compose_runs_real_subcommands_with_real_flags(capsys: pytest.CaptureFix
 
 
 def test_compose_cloud_stub_keeps_a_bounded_number_of_entries() -> None:
-    """Test that the compose stack's stub, which runs for days, keeps (and fingerprints for
-    duplicate counting) only a bounded number of the entries it accepts."""
+    """Test that the compose stack's long-running stub keeps a bounded number of entries.
+
+    The compose stack's stub, which runs for days, keeps (and fingerprints for
+    duplicate counting) only a bounded number of the entries it accepts.
+    """
     command = command_of("cloud-stub")
     options = options_from_args(build_parser(command[0]).parse_args(command), {})
     assert options.keep_max is not None
@@ -246,8 +252,10 @@ def test_compose_bridge_environment_names_real_settings() -> None:
             assert model is not None, f"{key}: {'.'.join(path[:depth])} has no sub-keys"
             assert part in model.model_fields, f"{key}: no setting {'.'.join(path[: depth + 1])}"
             annotation = model.model_fields[part].annotation
-            is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            model = annotation if is_section else None
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation  # a section
+            else:
+                model = None
         assert model is None, f"{key} names a whole section, not a setting"
     settings = effective_settings()  # every value is valid, too
     assert ("0.0.0.0", 9108) == (settings.http.host, settings.http.port)

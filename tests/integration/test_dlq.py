@@ -86,8 +86,11 @@ def test_dlq_replay_maps_again_with_the_fixed_config(tmp_path: Path) -> None:
 
 
 def test_dlq_replay_writes_the_new_reason_of_an_entry_that_still_fails(tmp_path: Path) -> None:
-    """Test that an entry that still fails after a replay stays, with the reason it fails for
-    now (here: it had no route; with the route it is bad JSON)."""
+    """Test that an entry still failing after a replay stays, with its new reason.
+
+    An entry that still fails after a replay stays, with the reason it fails for
+    now (here: it had no route; with the route it is bad JSON).
+    """
     spool = SpoolStore.open(tmp_path / "spool.db", max_bytes=1 << 30)
     spool.commit([], [Reject(b"plant/m-4/data", b"{not json", "no_route", "no route", 4.0)])
     spool.close()

@@ -1,5 +1,7 @@
-"""`energy-bridge dlq replay` of Sparkplug B and registry dead letters: the alias tables the
-spool holds now and the registry file as it is now."""
+"""`energy-bridge dlq replay` of Sparkplug B and registry dead letters.
+
+They replay against the alias tables the spool holds now and the registry file as it is now.
+"""
 
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ def _dlq(tmp_path: Path, *args: str) -> list[dict[str, object]]:
 def test_dlq_replay_decodes_unknown_aliases_learned_since_and_maps_ids_through_the_registry(
     tmp_path: Path,
 ) -> None:
-    """Test that a DDATA dead-lettered for an unknown alias replays once the spool knows the
-    alias (a later DBIRTH), and an unknown_device entry replays once the registry lists it;
-    both readings get the registry's deviceIds."""
+    """Test that unknown_alias and unknown_device dead letters replay once the cause is gone.
+
+    A DDATA dead-lettered for an unknown alias replays once the spool knows the alias (a later
+    DBIRTH), and an unknown_device entry once the registry lists it; both readings get the
+    registry's deviceIds.
+    """
     (tmp_path / "ids.csv").write_text(
         "source_id,device_id\nedge-1/meter-1,EE-0001\nm-9,EE-0009\n", encoding="utf-8"
     )

@@ -31,7 +31,9 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 
-def _reconcile(stub: StubProcess, published: int, earlier: list[dict[str, Any]] | None = None):
+def _reconcile(
+    stub: StubProcess, published: int, earlier: list[dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], list[int], int]:
     """Return (received entries, missing seqs, duplicate count) for seqs 0..published-1."""
     entries = (earlier or []) + stub.received()
     counts = seq_counts(entries)

@@ -385,6 +385,7 @@ def _live_stream(meters: list[str], first_seq: int, first_ts: int) -> Iterator[t
 
 
 @pytest.mark.slow
+@pytest.mark.timing  # the backlog must be published within the outage; the drain rate is asserted
 def test_cloud_outage_of_60_seconds_then_backlog_drains(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:

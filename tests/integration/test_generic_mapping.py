@@ -1,5 +1,7 @@
-"""The generic mapping end to end: the issue's route, exactly as written, through the real
-bridge process, mosquitto and the cloud stand-in."""
+"""The generic mapping end to end: the issue's route, exactly as written.
+
+It runs through the real bridge process, mosquitto and the cloud stand-in.
+"""
 
 from __future__ import annotations
 
@@ -46,8 +48,11 @@ PARTIAL = b"""{"reported": {"meters": [
 def test_generic_issue_route_delivers_two_meters_digit_for_digit(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that the issue's route, as written, turns a gateway message with two meters and a
-    partial message of the same minute into one entry per meter, every value exact."""
+    """Test that the issue's route, as written, makes one exact entry per meter and minute.
+
+    A gateway message with two meters and a partial message of the same minute become one entry
+    per meter, every value exact.
+    """
     bridge = bridge_factory(routes=yaml.safe_load(ISSUE_ROUTES)["routes"], batch={"linger_secs": 2})
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many([("gw/gw-1/data", TWO_METERS), ("gw/gw-1/data", PARTIAL)])

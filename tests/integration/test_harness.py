@@ -222,8 +222,11 @@ def test_write_bridge_config_produces_valid_settings(tmp_path: Path) -> None:
 
 
 def test_push_vectors_are_in_the_repository() -> None:
-    """Test that the captured vendor requests are in tests/data, so no test depends on a folder
-    outside the repository."""
+    """Test that the captured vendor requests are inside the repository (tests/data).
+
+    The captured vendor requests are in tests/data, so no test depends on a folder
+    outside the repository.
+    """
     assert {"push_v3_ak", "push_v3_sts", "push_v3_sts_prodhost_offline"} <= set(push_vector_names())
 
 

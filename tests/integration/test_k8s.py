@@ -110,8 +110,10 @@ def test_schema_validation_catches_a_mistake() -> None:
 def test_statefulset_gives_each_replica_an_identity_a_spool_and_time_to_stop(
     tmp_path: Path,
 ) -> None:
-    """Test that the pod name becomes the client id, the spool lies on the claimed volume,
-    and the grace period covers shutdown_grace_secs with room for the unsubscribe."""
+    """Test that the pod name is the client id, the spool is on the volume, the grace fits.
+
+    The grace period covers shutdown_grace_secs with room for the unsubscribe.
+    """
     resources = manifests()
     settings = settings_in_pod(resources, tmp_path)
     statefulset = resources["StatefulSet"]
@@ -132,8 +134,10 @@ def test_statefulset_gives_each_replica_an_identity_a_spool_and_time_to_stop(
 
 
 def test_container_runs_a_real_subcommand_with_the_mounted_config(tmp_path: Path) -> None:
-    """Test that the container's args parse as `energy-bridge run --config FILE` and that FILE
-    is where the ConfigMap is mounted; the drain commands in the comments parse too."""
+    """Test that the container's args parse as `energy-bridge run --config FILE` on the mount.
+
+    FILE is where the ConfigMap is mounted; the drain commands in the comments parse too.
+    """
     resources = manifests()
     args = container(resources)["args"]
     assert "run" == args[0]
@@ -151,8 +155,10 @@ def test_container_runs_a_real_subcommand_with_the_mounted_config(tmp_path: Path
 
 
 def test_env_names_settings_and_credentials_from_the_secret() -> None:
-    """Test that every ENERGY_BRIDGE_* variable is a setting and that the credentials come
-    from the Secret, by the variable names the bridge reads."""
+    """Test that every ENERGY_BRIDGE_* variable is a setting and credentials come from the Secret.
+
+    The Secret's keys are the variable names the bridge reads.
+    """
     resources = manifests()
     env = container(resources)["env"]
     with deployment_environment(plain_env(resources)):
@@ -167,8 +173,10 @@ def test_env_names_settings_and_credentials_from_the_secret() -> None:
 
 
 def test_probes_service_and_monitor_use_the_metrics_port(tmp_path: Path) -> None:
-    """Test that the probes, the headless Service and the ServiceMonitor all reach the port
-    http.listen binds, on the bridge's paths."""
+    """Test that the probes, the headless Service and the ServiceMonitor reach http.listen's port.
+
+    Each uses the bridge's paths.
+    """
     resources = manifests()
     settings = settings_in_pod(resources, tmp_path)
     (port,) = container(resources)["ports"]
@@ -192,8 +200,10 @@ def test_probes_service_and_monitor_use_the_metrics_port(tmp_path: Path) -> None
 
 
 def test_selectors_match_the_pods() -> None:
-    """Test that the StatefulSet, Service, PodDisruptionBudget and ServiceMonitor select the
-    replicas' pods (and the monitor the Service)."""
+    """Test that the StatefulSet, Service, PodDisruptionBudget and monitor select the replicas.
+
+    The ServiceMonitor selects the Service, the others the replicas' pods.
+    """
     resources = manifests()
     labels = resources["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
 

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.integration
 def test_counters_reconcile_after_a_run_with_rejects_and_refusals(
     mosquitto: Mosquitto, stub_factory: StubFactory, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that received = accepted + rejected (messages) and accepted = delivered +
-    dead-lettered + spooled (readings), with bad messages and a refused entry in the run."""
+    """Test that the message and reading counters reconcile exactly after a mixed run.
+
+    Received = accepted + rejected (messages) and accepted = delivered +
+    dead-lettered + spooled (readings), with bad messages and a refused entry in the run.
+    """
     stub = stub_factory("--poison-point", "poison", "--error-rate", "0.1", "--seed", "7")
     bridge = bridge_factory(cloud_url=stub.url)
     good = list(iter_telemetry([f"rec-{i:02d}" for i in range(20)], 50, START_TS))

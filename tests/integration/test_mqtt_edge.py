@@ -1,5 +1,7 @@
-"""The MQTT edge against a real mosquitto: oversized messages, retained copies, and a second
-client taking the session over. Real processes; every scenario ends in an exact account."""
+"""The MQTT edge against a real mosquitto: oversized messages, retained copies, takeovers.
+
+Real processes; every scenario ends in an exact account.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def _dead_letters(bridge: Any) -> list[tuple[str, str]]:
 def test_an_oversized_message_neither_takes_the_memory_nor_the_messages_around_it(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, protocol: str
 ) -> None:
-    """Test that a 40 MB publish between good readings leaves the bridge's memory bounded and
+    """Test that a 40 MB publish keeps memory bounded and every good reading delivered.
+
+    A 40 MB publish between good readings leaves the bridge's memory bounded and
     every good reading delivered. v3.1.1: the bridge reads only the packet's start, drops the
     rest as it arrives and dead-letters the message (payload_too_large, first KiB kept). v5:
     the bridge announces its Maximum Packet Size and the broker does not send it at all.
-    (Old: the whole payload was read first; 100 MB took RSS from 56 to 356 MB.)"""
+    (Old: the whole payload was read first; 100 MB took RSS from 56 to 356 MB.)
+    """
     bridge = bridge_factory(mqtt={"protocol": protocol})
     topic = "meters/1/meter-01/telemetry"
     with Publisher(mosquitto.host, mosquitto.port) as pub:
@@ -49,11 +54,11 @@ def test_an_oversized_message_neither_takes_the_memory_nor_the_messages_around_i
         pub.publish("meters/1/huge/telemetry", b"{" + b" " * (40 << 20) + b"}", timeout=60)
         pub.publish_many([(topic, telemetry_payload(n, START_TS + n)) for n in range(5, 10)])
 
-    entries = wait_until(
-        lambda: (e := stub.received()) and len(seq_counts(e)) >= 10 and e,
-        60,
-        message="the 10 good readings",
-    )
+    def ten_good() -> list[dict[str, Any]] | None:
+        received = stub.received()
+        return received if len(seq_counts(received)) >= 10 else None
+
+    entries = wait_until(ten_good, 60, message="the 10 good readings")
     peak = bridge.peak_rss_mb
     dead = _dead_letters(bridge)
     assert dict.fromkeys(range(10), 1) == dict(seq_counts(entries))
@@ -68,9 +73,12 @@ def test_an_oversized_message_neither_takes_the_memory_nor_the_messages_around_i
 def test_a_retained_reading_is_ingested_once_however_often_the_bridge_reconnects(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, protocol: str
 ) -> None:
-    """Test that retained readings (one with a time, one without) reach the cloud once, when
+    """Test that retained readings reach the cloud once and are not ingested again on reconnect.
+
+    Retained readings (one with a time, one without) reach the cloud once, when
     the bridge's subscription is new, and are not ingested again after three broker restarts
-    (old: a retained reading without time became a new reading at each reconnect)."""
+    (old: a retained reading without time became a new reading at each reconnect).
+    """
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish("meters/1/kept-1/telemetry", telemetry_payload(1, START_TS), retain=True)
         pub.publish("meters/1/kept-2/telemetry", b'{"Ua": 230.1, "seq": 2}', retain=True)
@@ -81,9 +89,12 @@ def test_a_retained_reading_is_ingested_once_however_often_the_bridge_reconnects
         wait_until(lambda: bridge.metric("bridge_mqtt_connected") == 1, 30, message="reconnect")
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish("meters/1/live/telemetry", telemetry_payload(3, START_TS + 3))
-    entries = wait_until(
-        lambda: (e := stub.received()) and 3 in seq_counts(e) and e, 30, message="live reading"
-    )
+
+    def live() -> list[dict[str, Any]] | None:
+        received = stub.received()
+        return received if 3 in seq_counts(received) else None
+
+    entries = wait_until(live, 30, message="live reading")
 
     assert {1: 1, 2: 1, 3: 1} == dict(seq_counts(entries))
     assert bridge.metric("bridge_messages_skipped_total", reason="retained_replay") >= (
@@ -94,9 +105,12 @@ def test_a_retained_reading_is_ingested_once_however_often_the_bridge_reconnects
 def test_two_bridges_with_one_client_id_report_it_and_do_not_fight(
     mosquitto_factory: MosquittoFactory, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that when a second bridge connects with the same client id (an operator's mistake),
+    """Test that two bridges with one client id back off instead of fighting over the session.
+
+    When a second bridge connects with the same client id (an operator's mistake),
     both see the session taken over, report it in /readyz and a metric, and back off instead of
-    taking the session from each other in a tight loop (old: 20 takeovers in 10 s)."""
+    taking the session from each other in a tight loop (old: 20 takeovers in 10 s).
+    """
     broker = mosquitto_factory()
     first = bridge_factory(mqtt_port=broker.port, mqtt={"client_id": "plant-bridge"})
     second = bridge_factory(

@@ -1,6 +1,8 @@
-"""The delivery promises across a real network: the broker and the cloud stand-in run in a
-network namespace of the test's own behind a veth pair (``bridge.testing.RemoteHost``), with
-latency from a delay proxy on the path and loss or a partition from nftables in the namespace.
+"""The delivery promises across a real network (namespace, veth, delay proxy, nftables).
+
+The broker and the cloud stand-in run in a network namespace of the test's own behind a veth
+pair (``bridge.testing.RemoteHost``), with latency from a delay proxy on the path and loss or a
+partition from nftables in the namespace.
 
 Each scenario ends in an exact account and prints one ``SCENARIO`` line (the source of the
 tables in docs/fault-scenarios.md): published (acknowledged to the publisher by the broker),
@@ -149,10 +151,13 @@ def _account(
 
 
 def test_resumed_backlog_drains_across_the_network(world: World) -> None:
-    """Test that a backlog queued in the bridge's session while it was away drains completely
+    """Test that a session backlog beyond receive maximum 100 drains completely on reconnect.
+
+    A backlog queued in the bridge's session while it was away drains completely
     when it comes back, with receive maximum 100 and the broker a network away. (Old: acks
     were sent only after SUBACK, so the acks of the backlog's first window were dropped and the
-    session wedged: 100 delivered, then nothing, for the life of the connection.)"""
+    session wedged: 100 delivered, then nothing, for the life of the connection.)
+    """
     first = world.bridge(mqtt={"receive_maximum": 100})
     first.terminate()
     published = world.publish()
@@ -161,8 +166,11 @@ def test_resumed_backlog_drains_across_the_network(world: World) -> None:
 
 
 def test_broker_restart_mid_stream_loses_nothing_across_the_network(world: World) -> None:
-    """Test that a broker restart (persistence on) while the bridge drains what the broker
-    queued loses nothing: the bridge reconnects across the link and resumes its session."""
+    """Test that a broker restart while the bridge drains its queue loses nothing.
+
+    A broker restart (persistence on) while the bridge drains what the broker
+    queued loses nothing: the bridge reconnects across the link and resumes its session.
+    """
     bridge = world.bridge(mqtt={"receive_maximum": 100})
     published = world.publish(TOTAL // 2)
     wait_until(lambda: len(world.stub.received()) >= TOTAL // 8, 60, message="some delivered")
@@ -183,8 +191,11 @@ def test_sigkill_mid_stream_loses_nothing_across_the_network(world: World) -> No
 
 
 def test_cloud_outage_mid_stream_loses_nothing_across_the_network(world: World) -> None:
-    """Test that a 10 s cloud outage in the middle of a stream loses nothing: the readings wait
-    in the spool and drain once the cloud is back."""
+    """Test that a 10 s cloud outage mid-stream loses nothing: the spool drains afterwards.
+
+    A 10 s cloud outage in the middle of a stream loses nothing: the readings wait
+    in the spool and drain once the cloud is back.
+    """
     bridge = world.bridge()
     publisher = _background(world)
     wait_until(lambda: len(world.stub.received()) >= TOTAL // 4, 60, message="a quarter")
@@ -198,8 +209,11 @@ def test_cloud_outage_mid_stream_loses_nothing_across_the_network(world: World) 
 def test_partition_longer_than_the_keepalive_loses_nothing(
     tmp_path: Path, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that a 20 s partition (keepalive 5 s: the bridge notices the dead link, the broker
-    drops the connection) in the middle of a stream loses nothing once the link heals."""
+    """Test that a 20 s partition mid-stream loses nothing once the link heals.
+
+    A 20 s partition (keepalive 5 s: the bridge notices the dead link, the broker
+    drops the connection) in the middle of a stream loses nothing once the link heals.
+    """
     with RemoteHost(tmp_path / "remote") as host:
         broker = host.mosquitto(persistence=True)
         stub = host.stub()

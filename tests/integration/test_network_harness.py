@@ -1,5 +1,7 @@
-"""The network harness itself (bridge.testing.network): a namespace behind a veth, nftables
-loss and partition, the delay proxy, the loopback fallback and a teardown that leaves nothing.
+"""The network harness itself (bridge.testing.network).
+
+A namespace behind a veth, nftables loss and partition, the delay proxy, the loopback
+fallback and a teardown that leaves nothing.
 
 Each test prints the mode it ran in (``netns`` or ``loopback-proxy``) and, on failure, the
 harness's state (addresses, nftables table, proxy counters, the peers' log tails). Tests that
@@ -25,10 +27,12 @@ from bridge.testing import (
     LOOPBACK,
     DelayProxy,
     FaultUnsupported,
+    Mosquitto,
     MqttProbe,
     NetNamespace,
     Publisher,
     RemoteHost,
+    StubProcess,
     Subscriber,
     mqtt_connect_ok,
     mqtt_ping_rtts,
@@ -127,8 +131,11 @@ def test_broker_in_namespace_is_reachable_at_veth_address_and_not_on_loopback(
 def test_full_loss_and_partition_time_out_connections_and_heal_restores(
     remote: RemoteHost,
 ) -> None:
-    """Test that 100 % loss and a partition make connects time out (not refused), hold an
-    established connection, and that heal() restores both."""
+    """Test that full loss and a partition make connects time out, and heal() restores them.
+
+    100 % loss and a partition make connects time out (not refused), hold an
+    established connection, and heal() restores both.
+    """
     _require_loss(remote)
     broker = remote.mosquitto()
     address = (remote.address, broker.port)
@@ -157,8 +164,11 @@ def test_full_loss_and_partition_time_out_connections_and_heal_restores(
 
 
 def test_one_percent_loss_still_delivers_every_qos1_message(remote: RemoteHost) -> None:
-    """Test that with 1 % loss each way every QoS 1 message from a publisher on the host
-    reaches a subscriber on the host, through the broker in the namespace, in order."""
+    """Test that with 1 % loss each way every QoS 1 message arrives, in order.
+
+    With 1 % loss each way every QoS 1 message from a publisher on the host
+    reaches a subscriber on the host, through the broker in the namespace, in order.
+    """
     _require_loss(remote)
     broker = remote.mosquitto()
     count = 2000
@@ -250,8 +260,11 @@ def test_proxy_stops_cleanly_and_bounds_its_buffers(tmp_path: Path) -> None:
 
 
 def test_loopback_proxy_mode_keeps_the_api(tmp_path: Path) -> None:
-    """Test the fallback: peers on loopback, latency from the proxy, partition freezes the
-    proxies, loss is refused with FaultUnsupported."""
+    """Test the loopback fallback: proxy latency, frozen proxies, loss refused.
+
+    Test the fallback: peers on loopback, latency from the proxy, partition freezes the
+    proxies, loss is refused with FaultUnsupported.
+    """
     with RemoteHost(tmp_path / "remote", mode="loopback-proxy") as host:
         print(f"network mode: {host.mode} ({host.fallback_reason})")
         assert host.mode == "loopback-proxy"
@@ -280,8 +293,11 @@ def test_loopback_proxy_mode_keeps_the_api(tmp_path: Path) -> None:
 
 
 def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> None:
-    """Test that stop() deletes namespace and veth and kills the peers, for two hosts at once
-    on distinct /30s, and is idempotent."""
+    """Test that stop() leaves no namespace, veth or peer behind, and is idempotent.
+
+    stop() deletes namespace and veth and kills the peers, for two hosts at once
+    on distinct /30s, and is idempotent.
+    """
     hosts = [RemoteHost(tmp_path / f"remote-{i}").start() for i in range(2)]
     try:
         for host in hosts:
@@ -294,6 +310,7 @@ def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> 
         ifnames = [host.netns.host_ifname for host in hosts if host.netns is not None]
         assert set(names) <= set(_netns_names())
         assert set(ifnames) <= set(_link_names())
+        peers: list[Mosquitto | StubProcess]
         peers = [hosts[0].mosquitto(), hosts[0].stub(), hosts[1].mosquitto()]
         proxy = hosts[0].proxy(peers[0].port, delay_ms=1)
         assert mqtt_connect_ok(*proxy.address, timeout=5.0)
@@ -314,8 +331,11 @@ def test_teardown_leaves_no_namespace_veth_or_process_behind(tmp_path: Path) -> 
 
 
 def test_namespace_of_a_killed_process_is_cleaned_up(tmp_path: Path) -> None:
-    """Test that a namespace whose owner died by SIGKILL (no teardown ran) is deleted by
-    cleanup_stale_namespaces(), which every new namespace runs first."""
+    """Test that the namespace of an owner killed by SIGKILL is cleaned up by the next one.
+
+    A namespace whose owner died by SIGKILL (no teardown ran) is deleted by
+    cleanup_stale_namespaces(), which every new namespace runs first.
+    """
     probe = NetNamespace()
     try:
         probe.create()

@@ -1,5 +1,8 @@
-"""Presets end to end: corpus samples of every preset family, published on their families'
-own topics to a private mosquitto, through the real bridge process to the cloud stand-in."""
+"""Presets end to end: corpus samples of every preset family on their own topics.
+
+They are published to a private mosquitto, through the real bridge process to the cloud
+stand-in.
+"""
 
 from __future__ import annotations
 
@@ -98,9 +101,12 @@ def _expected() -> dict[str, dict[str, str]]:
 def test_presets_every_family_through_the_bridge_digit_for_digit(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that corpus samples of every preset family, on the families' own topics, reach the
-    stand-in with every value exact (converted ones by decimal value) and the device's time,
-    and that the families' non-readings are skipped by reason, none dead-lettered."""
+    """Test that every preset family's corpus samples arrive exact and non-readings are skipped.
+
+    Samples on the families' own topics reach the stand-in with every value exact (converted
+    ones by decimal value) and the device's time; the families' non-readings are skipped by
+    reason, none dead-lettered.
+    """
     bridge = bridge_factory(routes=ROUTES, batch={"linger_secs": 1})
     files = [*READINGS, *GATEWAYS, *NON_READINGS]
     with Publisher(mosquitto.host, mosquitto.port) as pub:

@@ -1,5 +1,7 @@
-"""The device registry end to end: ids mapped, unknown ids rejected, SIGHUP reloads (a bad file
-keeps the table in use)."""
+"""The device registry end to end: ids mapped, unknown ids rejected, SIGHUP reloads.
+
+A bad file sent with SIGHUP keeps the table in use.
+"""
 
 from __future__ import annotations
 
@@ -51,10 +53,13 @@ def _sighup(bridge: BridgeProcess, result: str) -> None:
 def test_registry_maps_ids_rejects_unknown_and_keeps_its_table_on_a_bad_reload(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, tmp_path: Path
 ) -> None:
-    """Test that listed ids are pushed as the registry says (device type too), an unlisted id
-    is dead-lettered (unknown_device) with `unknown: reject`, a broken file sent with SIGHUP
-    is refused with a log line naming its line while the old table stays in use, and a good
-    file sent with SIGHUP takes effect."""
+    """Test that the registry maps and rejects ids and that SIGHUP reloads only a good file.
+
+    Listed ids are pushed as the registry says (device type too), an unlisted id is
+    dead-lettered (unknown_device) with `unknown: reject`, a broken file sent with SIGHUP is
+    refused with a log line naming its line while the old table stays in use, and a good file
+    sent with SIGHUP takes effect.
+    """
     ids = tmp_path / "ids.csv"
     ids.write_text("source_id,device_id,device_type\nm-1,EE-0001,2\n", encoding="utf-8")
     bridge = bridge_factory(registry={"file": str(ids), "unknown": "reject"})

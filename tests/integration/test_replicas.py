@@ -39,8 +39,11 @@ GROUP = "eb"
 
 
 def readings(first: int, count: int, meters: int) -> Iterator[tuple[str, bytes]]:
-    """Readings ``first``..``first+count-1``: reading ``seq`` is meter ``seq % meters``'s
-    reading number ``seq // meters`` (one second apart), so no two share a device and time."""
+    """Readings ``first``..``first+count-1``, no two with the same device and time.
+
+    Reading ``seq`` is meter ``seq % meters``'s reading number ``seq // meters`` (one second
+    apart).
+    """
     for seq in range(first, first + count):
         topic = f"meters/1/meter-{seq % meters:04d}/telemetry"
         yield topic, telemetry_payload(seq, START_TS + seq // meters)
@@ -51,7 +54,7 @@ def received(bridge: BridgeProcess) -> int:
     return int(bridge.metric("bridge_messages_received_total"))
 
 
-def replica(bridge_factory: BridgeFactory, name: str, **overrides: object) -> BridgeProcess:
+def replica(bridge_factory: BridgeFactory, name: str, **overrides: Any) -> BridgeProcess:
     """A bridge in the share group with client id ``name``."""
     return bridge_factory(mqtt={"client_id": name, "share_group": GROUP}, **overrides)
 
@@ -59,8 +62,11 @@ def replica(bridge_factory: BridgeFactory, name: str, **overrides: object) -> Br
 def test_replicas_share_the_load_and_a_graceful_stop_leaves_the_group(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that two replicas split the stream, that one stopped with SIGTERM first leaves the
-    share group (the other gets everything meanwhile) and that it rejoins when started."""
+    """Test that two replicas split the stream, and one stopped leaves and rejoins the group.
+
+    The one stopped with SIGTERM first leaves the share group (the other gets everything
+    meanwhile) and rejoins when started.
+    """
     a = replica(bridge_factory, "eb-a")
     b = replica(bridge_factory, "eb-b")
     with Publisher(mosquitto.host, mosquitto.port) as pub:
@@ -121,8 +127,11 @@ def lost_and_duplicated(stub: StubProcess, total: int) -> tuple[list[int], int]:
 def test_session_drain_takes_a_killed_replicas_share_and_ends_its_session(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that `session drain` moves what the broker queued for a killed replica into this
-    bridge's spool (delivered from there) and ends that session, so it gets no more share."""
+    """Test that `session drain` moves a killed replica's queue into this spool and ends it.
+
+    What the broker queued for the killed replica is delivered from this bridge's spool, and
+    its session ends, so it gets no more share.
+    """
     a = replica(bridge_factory, "eb-a")
     b = replica(bridge_factory, "eb-b")
     b.kill()  # its session stays, and keeps receiving its share (queued)
@@ -151,8 +160,10 @@ def test_session_drain_takes_a_killed_replicas_share_and_ends_its_session(
 def test_spool_drain_pushes_a_stopped_replicas_spool_and_refuses_a_live_one(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that `spool drain` refuses the spool of a running bridge, and delivers every
-    reading of a stopped replica's spool, deleting what was delivered."""
+    """Test that `spool drain` refuses a running bridge's spool and delivers a stopped one's.
+
+    Every reading of the stopped replica's spool is delivered, and what was delivered deleted.
+    """
     a = replica(bridge_factory, "eb-a")
     dead_cloud = f"http://127.0.0.1:{free_port()}"
     b = replica(bridge_factory, "eb-b", cloud={"endpoint": dead_cloud}, shutdown_grace_secs=2)
@@ -237,8 +248,10 @@ def redelivery_counts(bridges: list[BridgeProcess]) -> tuple[int, int]:
 def test_three_replicas_split_30000_readings_from_300_meters(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that three replicas each take a share of 30,000 readings and that all arrive,
-    with under 1 % duplicates."""
+    """Test that three replicas each take a share of 30,000 readings, all arriving.
+
+    Under 1 % are duplicates.
+    """
     bridges = three(bridge_factory)
     started = time.monotonic()
     Background(mosquitto, rate=1e9).join()
@@ -260,8 +273,10 @@ def test_three_replicas_split_30000_readings_from_300_meters(
 def test_three_replicas_one_killed_mid_stream_and_restarted_lose_nothing(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that a replica SIGKILLed mid-stream gets its queued share when it returns with the
-    same client id: nothing lost, every duplicate explained by the redelivery counters."""
+    """Test that a SIGKILLed replica gets its queued share when it returns, nothing lost.
+
+    It returns with the same client id; every duplicate is explained by the redelivery counters.
+    """
     bridges = three(bridge_factory)
     c = bridges[2]
     publisher = Background(mosquitto, rate=3_000)
@@ -290,8 +305,11 @@ def test_three_replicas_one_killed_mid_stream_and_restarted_lose_nothing(
 def test_three_replicas_one_stopped_for_good_with_its_cloud_down_is_drained(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that a replica stopped for good (SIGTERM) while its cloud is unreachable loses
-    nothing once `session drain` and `spool drain` are run from a surviving replica."""
+    """Test that a replica stopped for good with its cloud unreachable loses nothing once drained.
+
+    It is stopped with SIGTERM; `session drain` and `spool drain` are run from a surviving
+    replica.
+    """
     dead_cloud = f"http://127.0.0.1:{free_port()}"
     bridges = three(bridge_factory, cloud={"endpoint": dead_cloud})
     a, c = bridges[0], bridges[2]
@@ -327,8 +345,10 @@ def test_three_replicas_one_stopped_for_good_with_its_cloud_down_is_drained(
 def test_session_drain_of_an_unknown_client_id_reports_no_session(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that draining a client id the broker has no session for takes nothing, says so
-    (session_present false) and leaves no session behind."""
+    """Test that draining a client id without a session takes nothing and says so.
+
+    The answer says session_present false, and no session is left behind.
+    """
     a = replica(bridge_factory, "eb-a")
     status, report, err = cli(
         "session",

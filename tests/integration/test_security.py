@@ -497,10 +497,13 @@ def test_tls_to_the_broker_verifies_the_server(
                 "reconnect_max_secs": 0.5,
             },
         )
+
+        def verification_failed(b: BridgeProcess = bridge) -> str:
+            problem = _problem(b, "mqtt")
+            return problem if "CERTIFICATE_VERIFY_FAILED" in problem else ""
+
         refusals[name] = wait_until(
-            lambda b=bridge: (
-                "CERTIFICATE_VERIFY_FAILED" in _problem(b, "mqtt") and _problem(b, "mqtt")
-            ),
+            verification_failed,
             30,
             message=f"{name}: /readyz naming the failed verification",
         )
@@ -665,7 +668,9 @@ def _insecure_warnings(bridge: BridgeProcess) -> list[str]:
 def test_plain_http_endpoint_beyond_loopback_is_warned_at_start(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that `run` logs one WARNING at start for an http:// endpoint whose host is not a
+    """Test that `run` warns once at start for a plain-http endpoint off loopback.
+
+    `run` logs one WARNING at start for an http:// endpoint whose host is not a
     loopback address, and none for the loopback stub.
 
     The remote endpoint is a documentation address (RFC 5737) that is never contacted: nothing

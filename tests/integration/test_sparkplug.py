@@ -90,9 +90,11 @@ def _dead_letters(bridge: BridgeProcess) -> list[tuple[str, str]]:
 def test_sparkplug_births_and_ddata_arrive_with_exact_values(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that NBIRTH, DBIRTH and an alias-only DDATA arrive as readings (Int32 -118 sent
-    as 4294967178 arrives as "-118", Float 229.3 as "229.3"), deviceIds edge and edge/device,
-    recordTime from the metrics' timestamps, and an NDEATH is skipped and counted."""
+    """Test that NBIRTH, DBIRTH and an alias-only DDATA arrive as readings; NDEATH is skipped.
+
+    Int32 -118 sent as 4294967178 arrives as "-118", Float 229.3 as "229.3"; the deviceIds are
+    edge and edge/device, the recordTime from the metrics' timestamps; the NDEATH is counted.
+    """
     bridge = bridge_factory(routes=[_route()])
 
     with Publisher(mosquitto.host, mosquitto.port) as pub:
@@ -117,9 +119,11 @@ def test_sparkplug_births_and_ddata_arrive_with_exact_values(
 def test_sparkplug_ddata_queued_while_the_bridge_was_down_decodes_after_restart(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory, stop: str
 ) -> None:
-    """Test that the aliases of a DBIRTH survive a bridge restart, after a clean stop or a
-    crash (SIGKILL): a DDATA that waited in the persistent session's backlog while the bridge
-    was down is decoded when it comes back."""
+    """Test that the aliases of a DBIRTH survive a bridge restart, clean stop or crash.
+
+    A DDATA that waited in the persistent session's backlog while the bridge was down (stopped,
+    or SIGKILLed) is decoded when it comes back.
+    """
     bridge = bridge_factory(routes=[_route()])
     with Publisher(mosquitto.host, mosquitto.port) as pub:
         pub.publish_many([NBIRTH, DBIRTH])
@@ -142,9 +146,12 @@ def test_sparkplug_ddata_queued_while_the_bridge_was_down_decodes_after_restart(
 def test_sparkplug_unknown_alias_is_dead_lettered_and_a_rebirth_requested(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that a DDATA whose aliases no birth defined is dead-lettered (unknown_alias),
-    counted, and answered with an NCMD Node Control/Rebirth = true on the broker; the births
-    the node then sends make its next DDATA decode."""
+    """Test that a DDATA with undefined aliases is dead-lettered and triggers a rebirth request.
+
+    It is dead-lettered as unknown_alias and counted, and answered with an NCMD Node
+    Control/Rebirth = true on the broker; the births the node then sends make its next DDATA
+    decode.
+    """
     with Subscriber(mosquitto.host, mosquitto.port, ["spBv1.0/+/NCMD/#"]) as commands:
         bridge = bridge_factory(routes=[_route(request_rebirth=True)])
         with Publisher(mosquitto.host, mosquitto.port) as pub:

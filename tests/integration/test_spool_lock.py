@@ -1,5 +1,7 @@
-"""One bridge per spool, on real processes: a second `energy-bridge run` on a spool in use
-refuses to start; the `dlq` commands still work beside the running bridge."""
+"""One bridge per spool, on real processes; the `dlq` commands still work beside it.
+
+A second `energy-bridge run` on a spool in use refuses to start.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ pytestmark = pytest.mark.integration
 def test_second_bridge_on_the_same_spool_refuses_to_start(
     mosquitto: Mosquitto, stub: StubProcess, bridge_factory: BridgeFactory
 ) -> None:
-    """Test that a second bridge with the same config exits at once with one line naming the
+    """Test that a second bridge on a spool in use exits at once, naming the lock's holder.
+
+    A second bridge with the same config exits at once with one line naming the
     spool, the first bridge's pid and the lock file, while the first keeps delivering and
-    `energy-bridge dlq list` works beside it."""
+    `energy-bridge dlq list` works beside it.
+    """
     first = bridge_factory()
     second = bridge_factory(config=first.config_path, ready_timeout=None)
     wait_until(lambda: not second.running, 20, message=lambda: f"exit\n{second.describe()}")

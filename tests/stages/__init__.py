@@ -1,0 +1,1 @@
+"""In-process tests of one pipeline stage each, against real, cheap neighbours."""

@@ -1,6 +1,9 @@
-"""In-process stages against real, cheap neighbours: a SQLite spool in a temp dir, the cloud
-stand-in served over real HTTP on loopback (signatures checked as the cloud does), the push
-client. Each test takes seconds and names the stage that failed."""
+"""In-process stages against real, cheap neighbours (SQLite spool, stub over loopback HTTP).
+
+The spool is SQLite in a temp dir; the cloud stand-in is served over real HTTP on loopback
+(signatures checked as the cloud does) to the real push client. Each test takes seconds and
+names the stage that failed.
+"""
 
 from __future__ import annotations
 

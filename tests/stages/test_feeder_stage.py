@@ -21,6 +21,7 @@ class FakeClock:
         self.now = now
 
     def __call__(self) -> float:
+        """The time the test last set."""
         return self.now
 
 
@@ -49,8 +50,11 @@ def _drain(queue: asyncio.Queue[Batch]) -> list[int]:
 async def test_feeder_takes_handed_over_rows_without_reading_the_spool(
     spool: SpoolThread, store: SpoolStore
 ) -> None:
-    """Test that rows handed over right after their commit are batched from memory: the
-    spool's rows are deleted behind the feeder's back and it still batches them."""
+    """Test that rows handed over right after their commit are batched from memory.
+
+    Rows handed over right after their commit are batched from memory: the
+    spool's rows are deleted behind the feeder's back and it still batches them.
+    """
     clock = FakeClock()
     feeder, queue = _feeder(spool, clock)
     async with running(feeder, spool):
@@ -71,8 +75,11 @@ async def test_feeder_takes_handed_over_rows_without_reading_the_spool(
 async def test_feeder_pages_through_the_spool_when_hand_overs_are_missed(
     spool: SpoolThread,
 ) -> None:
-    """Test that rows committed but never handed over (or handed over out of order) are read
-    from the spool in id order, in pages, none missed and none twice."""
+    """Test that rows never handed over are read from the spool in id order, in pages.
+
+    Rows committed but never handed over (or handed over out of order) are read
+    from the spool in id order, in pages, none missed and none twice.
+    """
     clock = FakeClock()
     feeder, queue = _feeder(spool, clock, linger=0.0)
     async with running(feeder, spool):
@@ -94,8 +101,11 @@ async def test_feeder_pages_through_the_spool_when_hand_overs_are_missed(
 async def test_feeder_sends_leftovers_of_an_earlier_run_without_lingering(
     store: SpoolStore, spool: SpoolThread
 ) -> None:
-    """Test that readings already in the spool at start go out as soon as they are read back,
-    not after linger_secs (they waited long enough)."""
+    """Test that readings already in the spool at start go out without waiting linger_secs.
+
+    Readings already in the spool at start go out as soon as they are read back,
+    not after linger_secs (they waited long enough).
+    """
     store.commit([reading(n) for n in range(3)])
     clock = FakeClock()
     feeder, queue = _feeder(spool, clock, linger=3600.0)
@@ -108,8 +118,11 @@ async def test_feeder_sends_leftovers_of_an_earlier_run_without_lingering(
 async def test_feeder_picks_up_rows_another_process_added(
     spool_path: object, store: SpoolStore, spool: SpoolThread
 ) -> None:
-    """Test that rows written to the spool file by another process (``dlq replay``) reach the
-    feeder while the bridge is idle: the spool stage notices them and tells the feeder."""
+    """Test that rows another process wrote to the spool reach an idle feeder.
+
+    Rows written to the spool file by another process (``dlq replay``) reach the
+    feeder while the bridge is idle: the spool stage notices them and tells the feeder.
+    """
     clock = FakeClock()
     feeder, queue = _feeder(spool, clock, linger=0.0)
     async with running(feeder, spool):
@@ -127,9 +140,11 @@ async def test_feeder_picks_up_rows_another_process_added(
 async def test_feeder_held_readings_merge_and_go_out_at_shutdown(
     spool: SpoolThread, spool_path: Path
 ) -> None:
-    """Test that readings held for their aligned window (align_secs) wait past linger, merge
-    into one entry, and at shutdown are closed into the queue, their rows still in the spool
-    until delivered: nothing held is lost."""
+    """Test that readings held for their aligned window merge into one entry and are not lost.
+
+    Readings held for align_secs wait past linger, merge into one entry, and at shutdown are
+    closed into the queue, their rows still in the spool until delivered.
+    """
     clock = FakeClock()
     feeder, queue = _feeder(spool, clock, linger=1.0)
     held = [

@@ -1,5 +1,7 @@
-"""The pusher against a cloud that answers oddly: in pieces, with redirects, with codes and
-statuses nobody listed, with garbage, huge bodies and absurd retry-after values.
+"""The pusher against a cloud that answers oddly.
+
+Answers come in pieces, with redirects, with codes and statuses nobody listed, with garbage,
+huge bodies and absurd retry-after values.
 
 Every test ends in an exact account: what the cloud stored, what was dead-lettered and what
 is still in the spool, with nothing lost.
@@ -67,8 +69,11 @@ def _meters(n: int, start: int = 0) -> list[Reading]:
 async def test_a_success_answer_in_pieces_is_read_whole_and_not_sent_again(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health
 ) -> None:
-    """Test that a "success" answer arriving in eight pieces is one success: the cloud stores
-    the batch once (a client reading only the first piece retried it: stored twice)."""
+    """Test that a "success" answer arriving in pieces is one success (stored once).
+
+    A "success" answer arriving in eight pieces is one success: the cloud stores
+    the batch once (a client reading only the first piece retried it: stored twice).
+    """
     cloud.stub.set_faults({"answer_pieces": 8, "piece_delay_ms": 20})
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):
@@ -84,8 +89,11 @@ async def test_an_error_answer_in_pieces_keeps_its_code(
     client: PushClient, spool: SpoolThread, store: SpoolStore, cloud: Cloud, metrics: Metrics,
     health: Health,
 ) -> None:  # fmt: skip
-    """Test that a refusal split over several pieces is still read as its Code: the poisoned
-    entry is dead-lettered as InvalidParameter, the others are delivered."""
+    """Test that a refusal split over several pieces is still read as its Code.
+
+    A refusal split over several pieces is still read as its Code: the poisoned
+    entry is dead-lettered as InvalidParameter, the others are delivered.
+    """
     cloud.stub.set_faults({"answer_pieces": 5, "piece_delay_ms": 10, "poison_point": "poison"})
     readings = [*_meters(3), reading(3, "m3", poison="1")]
     pusher, queue = _pusher(client, spool, metrics, health)
@@ -122,9 +130,12 @@ async def test_a_redirect_is_never_followed_and_pauses_delivery(
     client: PushClient, spool: SpoolThread, store: SpoolStore, cloud: Cloud, metrics: Metrics,
     health: Health, elsewhere: tuple[str, list[str]], status: int,
 ) -> None:  # fmt: skip
-    """Test that a 3xx answer is a configuration problem: the signed request (token, key id,
+    """Test that a 3xx answer is a configuration problem: nothing delivered, readings kept.
+
+    A 3xx answer is a configuration problem: the signed request (token, key id,
     body) goes nowhere else, nothing counts as delivered, the bridge is not ready and keeps
-    the readings until the endpoint answers properly."""
+    the readings until the endpoint answers properly.
+    """
     location, seen = elsewhere
     cloud.stub.set_faults({"redirect_status": status, "redirect_location": location})
     pusher, queue = _pusher(client, spool, metrics, health)
@@ -155,9 +166,12 @@ async def test_an_unknown_refusal_of_some_entries_never_holds_back_the_rest(
     client: PushClient, spool: SpoolThread, store: SpoolStore, cloud: Cloud, metrics: Metrics,
     health: Health, faults: dict[str, object],
 ) -> None:  # fmt: skip
-    """Test that requests carrying a "bad" entry, refused in a way nobody listed, are retried a
+    """Test that an unlisted per-entry refusal is retried, then split down to the bad entries.
+
+    Requests carrying a "bad" entry, refused in a way nobody listed, are retried a
     few times and then split: every good reading arrives, only the bad entries are
-    dead-lettered (with the answer), and no worker is held forever (old: 0 of 200 arrived)."""
+    dead-lettered (with the answer), and no worker is held forever (old: 0 of 200 arrived).
+    """
     cloud.stub.set_faults({**faults, "refuse_point": "bad"})
     readings = _meters(200)
     for n in (7, 61, 122, 180):
@@ -188,10 +202,13 @@ async def test_a_refusal_of_every_request_pauses_and_keeps_every_reading(
     client: PushClient, spool: SpoolThread, store: SpoolStore, cloud: Cloud, metrics: Metrics,
     health: Health, faults: dict[str, object],
 ) -> None:  # fmt: skip
-    """Test that when the cloud refuses every request alike (an endpoint-level code, or an
+    """Test that a refusal of every request alike dead-letters nothing and keeps every reading.
+
+    When the cloud refuses every request alike (an endpoint-level code, or an
     unknown refusal that follows no entry), nothing is dead-lettered: the bridge is not ready,
     keeps every reading, and delivers them all once the cloud accepts again (old: every
-    reading dead-lettered in 2N-1 requests while ready)."""
+    reading dead-lettered in 2N-1 requests while ready).
+    """
     cloud.stub.set_faults(faults)
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):
@@ -218,8 +235,11 @@ async def test_a_refusal_of_every_request_pauses_and_keeps_every_reading(
 async def test_garbage_and_huge_answers_are_retried_without_holding_memory(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health
 ) -> None:
-    """Test that a 500 answer of 8 MiB of garbage is read no further than 64 KiB, retried, and
-    the batch delivered once the cloud is sane again."""
+    """Test that a huge garbage 500 answer is read only to 64 KiB and the batch retried.
+
+    A 500 answer of 8 MiB of garbage is read no further than 64 KiB, retried, and
+    the batch delivered once the cloud is sane again.
+    """
     cloud.stub.set_faults(
         {"refuse_status": 500, "refuse_body": "\x00garbage", "refuse_body_size": 8 << 20}
     )
@@ -239,8 +259,11 @@ async def test_an_absurd_retry_after_never_puts_a_worker_to_sleep_for_good(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health,
     retry_after: str,
 ) -> None:  # fmt: skip
-    """Test that x-acs-retry-after values like inf or 1e12 are cut to cloud.retry_after_max_secs
-    (0.2 s here): the batch arrives soon after the throttling ends."""
+    """Test that absurd x-acs-retry-after values are cut to cloud.retry_after_max_secs.
+
+    x-acs-retry-after values like inf or 1e12 are cut to cloud.retry_after_max_secs
+    (0.2 s here): the batch arrives soon after the throttling ends.
+    """
     cloud.stub.set_faults({"throttle_rate": 1.0, "retry_after_raw": retry_after})
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):
@@ -257,8 +280,11 @@ async def test_an_absurd_retry_after_never_puts_a_worker_to_sleep_for_good(
 async def test_a_reused_nonce_is_signed_again_without_a_hot_loop(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health
 ) -> None:
-    """Test that SignatureNonceUsed is answered by signing again at once, and repeated refusals
-    back off: one second of them costs a handful of requests (old: 7,172 in 3 s)."""
+    """Test that SignatureNonceUsed is re-signed at once and repeated refusals back off.
+
+    SignatureNonceUsed is answered by signing again at once, and repeated refusals
+    back off: one second of them costs a handful of requests (old: 7,172 in 3 s).
+    """
     cloud.stub.set_faults({"refuse_status": 400, "refuse_code": "SignatureNonceUsed"})
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):

@@ -1,6 +1,8 @@
-"""Ingest with a Sparkplug B route and a device registry, between a fake MQTT source and a
-real spool: alias changes committed with their messages before the ack, also when the message
-itself is rejected; skipped messages acked and counted; the registry applied to every route."""
+"""Ingest with a Sparkplug B route and a device registry, a fake MQTT source, a real spool.
+
+Alias changes are committed with their messages before the ack, also when the message itself is
+rejected; skipped messages are acked and counted; the registry applies to every route.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ T_MS = 1_700_000_000_000
 async def test_ingest_commits_sparkplug_aliases_with_their_messages_and_applies_the_registry(
     spool: SpoolThread, store: SpoolStore, metrics: Metrics
 ) -> None:
-    """Test that nothing is acked before the commit; that the commit holds the node's readings
-    under the registry's id, the aliases of a DBIRTH whose readings the registry rejected
-    (unknown_device), and no trace of a skipped NDEATH but its ack and its count."""
+    """Test that the commit precedes the ack and holds readings, aliases and no skipped message.
+
+    The commit holds the node's readings under the registry's id, the aliases of a DBIRTH whose
+    readings the registry rejected (unknown_device), and no trace of a skipped NDEATH but its
+    ack and its count.
+    """
     routes = [Route(), Route(format=PayloadFormat.SPARKPLUG_B, device_type="1")]
     source = FakeSource()
     queue: asyncio.Queue[Batch] = asyncio.Queue()

@@ -1,5 +1,8 @@
-"""Ingest between a fake MQTT source and a real spool: ack after commit, in order; rejects
-dead-lettered and acked; pause and resume with hysteresis."""
+"""Ingest between a fake MQTT source and a real spool.
+
+Ack after commit, in order; rejects dead-lettered and acked; pause and resume with
+hysteresis.
+"""
 
 from __future__ import annotations
 
@@ -30,27 +33,33 @@ class FakeSource:
         self.calls: list[str] = []
 
     def publish(self, topic: str, payload: bytes, mid: int) -> None:
+        """Queue a QoS 1 message as if the broker had delivered it, and wake the receiver."""
         self.inbox.append((Inbound(topic.encode(), payload, time.time(), mid, 1), (1, mid)))
         self.mail.set()
 
     async def receive(self) -> list[Received]:
+        """Wait until at least one message is queued; take them all."""
         while not self.inbox:
             self.mail.clear()
             await self.mail.wait()
         return self.receive_nowait()
 
     def receive_nowait(self) -> list[Received]:
+        """Take every queued message (possibly none) without waiting."""
         taken, self.inbox = self.inbox, []
         return taken
 
     def ack(self, tokens: Sequence[AckToken]) -> int:
+        """Record the acks in the order given; all count as sent."""
         self.acked.extend(tokens)
         return len(tokens)
 
     def pause(self) -> None:
+        """Record a pause."""
         self.calls.append("pause")
 
     def resume(self) -> None:
+        """Record a resume."""
         self.calls.append("resume")
 
 
@@ -83,8 +92,11 @@ def _payload(n: int) -> bytes:
 async def test_ingest_acks_after_the_commit_in_arrival_order(
     spool: SpoolThread, store: SpoolStore, metrics: Metrics
 ) -> None:
-    """Test that nothing is acknowledged before its reading or dead letter is committed, then
-    every message is, in the order it arrived; the bad one is dead-lettered, the rest stored."""
+    """Test that messages are acked only after their commit, in arrival order.
+
+    Nothing is acknowledged before its reading or dead letter is committed, then
+    every message is, in the order it arrived; the bad one is dead-lettered, the rest stored.
+    """
     source = FakeSource()
     ingest = _ingest(spool, source, metrics, high_water=100)
     async with running(ingest):
@@ -115,8 +127,11 @@ async def test_ingest_acks_after_the_commit_in_arrival_order(
 async def test_ingest_pauses_at_high_water_and_resumes_below_half(
     spool: SpoolThread, metrics: Metrics
 ) -> None:
-    """Test that ingest stops the source once high_water messages wait for a commit and lets
-    it read again only when fewer than half of that are left (no pause/resume flapping)."""
+    """Test that ingest pauses the source at high_water and resumes below half of it.
+
+    Ingest stops the source once high_water messages wait for a commit and lets
+    it read again only when fewer than half of that are left (no pause/resume flapping).
+    """
     source = FakeSource()
     ingest = _ingest(spool, source, metrics, high_water=10)
     async with running(ingest):
@@ -133,8 +148,11 @@ async def test_ingest_pauses_at_high_water_and_resumes_below_half(
 async def test_ingest_sets_aside_a_message_the_mapping_fails_on_and_keeps_the_rest(
     spool: SpoolThread, store: SpoolStore, metrics: Metrics
 ) -> None:
-    """Test that a bug in the mapping (any exception, not a reject) costs only its message: it
-    is dead-lettered as mapping_failed and acked, and the messages around it are stored."""
+    """Test that a bug in the mapping costs only its message (dead-lettered as mapping_failed).
+
+    A bug in the mapping (any exception, not a reject) costs only its message: it
+    is dead-lettered as mapping_failed and acked, and the messages around it are stored.
+    """
 
     class BuggyMapper(Mapper):
         """The real mapping, with a bug for one device."""
@@ -165,9 +183,10 @@ async def test_ingest_sets_aside_a_message_the_mapping_fails_on_and_keeps_the_re
 async def test_ingest_acks_and_counts_a_presets_non_reading_without_dead_letter(
     spool: SpoolThread, store: SpoolStore, metrics: Metrics
 ) -> None:
-    """Test that a preset family's message that is not a reading (a Tasmota LWT) is acked in
-    its turn and counted as skipped by reason, with no dead letter, and the reading after it
-    is stored."""
+    """Test that a preset's non-reading (a Tasmota LWT) is acked in turn and counted as skipped.
+
+    It is counted by reason, with no dead letter, and the reading after it is stored.
+    """
     source = FakeSource()
     mapper = Mapper([Route(format=PayloadFormat.TASMOTA)], "Asia/Shanghai")
     ingest = _ingest(spool, source, metrics, high_water=100, mapper=mapper)

@@ -86,8 +86,11 @@ async def test_pusher_success_deletes_the_delivered_rows(
 async def test_pusher_throttling_lowers_the_concurrency_limit(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health
 ) -> None:
-    """Test that throttled answers halve the adaptive limit and the batch still arrives once
-    the throttling stops."""
+    """Test that throttled answers halve the adaptive limit and the batch still arrives.
+
+    Throttled answers halve the adaptive limit and the batch still arrives once
+    the throttling stops.
+    """
     cloud.stub.set_faults({"throttle_rate": 1.0, "retry_after_ms": 10})
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):
@@ -112,9 +115,11 @@ async def test_pusher_opens_its_limit_for_a_slow_cloud_and_closes_it_on_throttli
     metrics: Metrics,
     health: Health,
 ) -> None:
-    """Test that a cloud answering after 100 ms, without throttling, gets more than the initial
-    2 requests at a time (the limit opens while batches wait), and that throttling then halves
-    the limit; every batch arrives once."""
+    """Test that the limit opens for a slow cloud and halves on throttling; each batch once.
+
+    A cloud answering after 100 ms, without throttling, gets more than the initial 2 requests at
+    a time (the limit opens while batches wait); throttling then halves the limit.
+    """
     cloud.stub.set_faults({"latency_ms": 100})
     peak = 0
     async with PushClient(
@@ -165,8 +170,11 @@ async def test_pusher_isolates_the_poisoned_entry_at_the_index_the_cloud_names(
     metrics: Metrics,
     health: Health,
 ) -> None:
-    """Test that a refused batch is cut at the entry the cloud names: that entry is
-    dead-lettered with the cloud's code, every other entry is delivered."""
+    """Test that a refused batch is cut at the entry the cloud names; the rest is delivered.
+
+    A refused batch is cut at the entry the cloud names: that entry is
+    dead-lettered with the cloud's code, every other entry is delivered.
+    """
     cloud.stub.set_faults({"poison_point": "poison"})
     readings = [reading(n, f"m{n}") for n in range(6)]
     readings[4] = reading(4, "m4", poison="1")
@@ -189,8 +197,11 @@ async def test_pusher_isolates_the_poisoned_entry_at_the_index_the_cloud_names(
 async def test_pusher_counts_a_timed_out_batch_as_redelivered(
     client: PushClient, spool: SpoolThread, cloud: Cloud, metrics: Metrics, health: Health
 ) -> None:
-    """Test that a batch whose request timed out is sent again and counted as redelivered (the
-    cloud may have stored the first one)."""
+    """Test that a batch whose request timed out is sent again and counted as redelivered.
+
+    A batch whose request timed out is sent again and counted as redelivered (the
+    cloud may have stored the first one).
+    """
     cloud.stub.set_faults({"latency_ms": 1500})
     pusher, queue = _pusher(client, spool, metrics, health)
     async with running(pusher, spool):
@@ -216,8 +227,11 @@ async def test_pusher_resume_now_ends_a_credentials_pause(
     credentials: CredentialsProvider,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Test that refused credentials pause delivery (not ready, data kept) and that fixed
-    credentials plus resume_now (what SIGHUP does) deliver at once, not after the pause."""
+    """Test that refused credentials pause delivery and resume_now ends the pause at once.
+
+    Refused credentials pause delivery (not ready, data kept), and fixed
+    credentials plus resume_now (what SIGHUP does) deliver at once, not after the pause.
+    """
     good = credentials
     monkeypatch.setenv(ENV_SECRET, "not-the-secret")
     credentials.reload()

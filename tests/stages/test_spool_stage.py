@@ -1,5 +1,7 @@
-"""The spool stage: group commit on its own thread, a full spool, completions that must not be
-lost, and the spool's readiness and metrics, written only here."""
+"""The spool stage: group commit on its own thread, a full spool, completions, readiness.
+
+Completions must not be lost; the spool's readiness and metrics are written only here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from bridge.errors import SpoolError, SpoolFullError
 from bridge.health import SPOOL_FULL, Health
+from bridge.models import SpooledReading
 from bridge.spool.store import DeadLetter, DeadLetterFilter, Reject, SpoolStore
 from bridge.spool.thread import SpoolThread
 from bridge.telemetry import Metrics
@@ -23,8 +26,11 @@ def _reject(n: int, size: int = 10) -> Reject:
 async def test_spool_stage_groups_concurrent_puts_into_one_transaction(
     spool: SpoolThread, metrics: Metrics
 ) -> None:
-    """Test that puts made while no transaction runs are committed together, and each caller
-    gets its own rows back in order."""
+    """Test that concurrent puts are committed together and each caller gets its own rows.
+
+    Puts made while no transaction runs are committed together, and each caller
+    gets its own rows back in order.
+    """
     async with running(spool):
         await asyncio.sleep(0.1)  # the first stats read is done; the thread is idle
         before = sample(metrics, "bridge_spool_commits_total")
@@ -41,12 +47,15 @@ async def test_spool_stage_groups_concurrent_puts_into_one_transaction(
 async def test_spool_stage_full_spool_writes_nothing_and_reports_it(
     tmp_path: Path, metrics: Metrics, health: Health
 ) -> None:
-    """Test that a full spool refuses a put (nothing written), says so in /readyz and the
-    spool_full gauge, and still commits completions; deleting rows makes room again."""
+    """Test that a full spool refuses puts, says so, still commits completions, then recovers.
+
+    A full spool refuses a put (nothing written), says so in /readyz and the
+    spool_full gauge, and still commits completions; deleting rows makes room again.
+    """
     store = SpoolStore.open(tmp_path / "small.db", max_bytes=64 * 1024)
     spool = SpoolThread(store, metrics, health, stats_interval=0.05)
     async with running(spool):
-        rows = []
+        rows: list[SpooledReading] = []
         while not health.problems:
             try:
                 rows += await spool.put([reading(len(rows), P="1" * 3000)], [])
@@ -68,8 +77,11 @@ async def test_spool_stage_full_spool_writes_nothing_and_reports_it(
 async def test_spool_stage_retries_completions_until_they_commit(
     spool: SpoolThread, store: SpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Test that a delete that fails (a broken disk for a moment) is kept and committed on a
-    later turn: a delivered reading must not stay in the spool to be sent again."""
+    """Test that a delete that failed is kept and committed on a later turn.
+
+    A delete that fails (a broken disk for a moment) is kept and committed on a
+    later turn: a delivered reading must not stay in the spool to be sent again.
+    """
     async with running(spool):
         rows = await spool.put([reading(1), reading(2)], [])
         real_commit = store.commit
@@ -92,8 +104,11 @@ async def test_spool_stage_retries_completions_until_they_commit(
 async def test_spool_stage_dead_letter_gauges_follow_another_process(
     spool: SpoolThread, store: SpoolStore, metrics: Metrics
 ) -> None:
-    """Test that the dead-letter gauges are right after another process purged entries
-    (``energy-bridge dlq purge`` beside a running bridge), and the budget still holds."""
+    """Test that the dead-letter gauges are right after another process purged entries.
+
+    The dead-letter gauges are right after another process purged entries
+    (``energy-bridge dlq purge`` beside a running bridge), and the budget still holds.
+    """
     async with running(spool):
         await spool.put([], [_reject(n) for n in range(5)])
         await eventually(
@@ -118,8 +133,11 @@ async def test_spool_stage_dead_letter_gauges_follow_another_process(
 async def test_spool_stage_garbage_cannot_evict_readings_the_cloud_refused(
     tmp_path: Path, metrics: Metrics, health: Health
 ) -> None:
-    """Test that unmappable messages and cloud refusals have separate budgets: a flood of
-    garbage evicts only garbage, counted by source."""
+    """Test that unmappable messages and cloud refusals have separate dead-letter budgets.
+
+    Unmappable messages and cloud refusals have separate budgets: a flood of
+    garbage evicts only garbage, counted by source.
+    """
     store = SpoolStore.open(tmp_path / "dl.db", max_bytes=1 << 30, dead_letter_max_bytes=70_000)
     spool = SpoolThread(store, metrics, health, stats_interval=0.05)
     async with running(spool):

@@ -1,5 +1,8 @@
-"""What the tests share: the real-process helpers of :mod:`bridge.testing` (re-exported), the
-fixture signatures, the captured vendor vectors and the deployment-file readers."""
+"""What the tests share.
+
+The real-process helpers of :mod:`bridge.testing` (re-exported), the fixture signatures,
+the captured vendor vectors and the deployment-file readers.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Readers of the deployment files (Dockerfile, docker-compose.yml, the Prometheus config, alert
-rules and the Grafana dashboard), and of what the bridge really exports, for the tests that keep
-those files true to the code."""
+"""Readers of the deployment files and of what the bridge really exports.
+
+The files: Dockerfile, docker-compose.yml, the Prometheus config, alert rules and the Grafana
+dashboard. They serve the tests that keep those files true to the code.
+"""
 
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class Instruction:
 
 
 def parse_dockerfile(text: str) -> list[Instruction]:
-    """Split a Dockerfile into instructions (comments dropped, ``\\`` continuations joined)."""
+    r"""Split a Dockerfile into instructions (comments dropped, ``\`` continuations joined)."""
     instructions: list[Instruction] = []
     logical = ""
     for raw in text.splitlines():
@@ -278,8 +280,9 @@ def command_option(command: list[str], option: str) -> str:
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """The subcommands of ``parser`` (``energy-bridge``'s) and their parsers."""
-    for action in parser._actions:  # argparse has no public accessor for subparsers
-        if isinstance(action, argparse._SubParsersAction):
+    # argparse has no public accessor for its subparsers.
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             return dict(action.choices)
     raise AssertionError("energy-bridge has no subcommands")
 
@@ -324,8 +327,10 @@ def exported_series() -> dict[str, frozenset[str]]:
     business with them.)
     """
     metrics = Metrics()
+    # The label names of metrics not yet observed: prometheus_client exports no sample (and
+    # no public accessor) for a labelled metric before its first labels() call.
     labels_of: dict[str, set[str]] = {
-        wrapper._name: set(wrapper._labelnames)  # label names of metrics not yet observed
+        wrapper._name: set(wrapper._labelnames)  # noqa: SLF001
         for wrapper in vars(metrics).values()
         if isinstance(wrapper, MetricWrapperBase)
     }
@@ -348,7 +353,10 @@ def exported_series() -> dict[str, frozenset[str]]:
 
 
 # Series Prometheus adds to every scrape target.
-SYNTHETIC_SERIES = {"up": frozenset(), "scrape_duration_seconds": frozenset()}
+SYNTHETIC_SERIES: dict[str, frozenset[str]] = {
+    "up": frozenset(),
+    "scrape_duration_seconds": frozenset(),
+}
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 

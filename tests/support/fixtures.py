@@ -1,5 +1,7 @@
-"""Signatures of the process fixtures (which live in ``tests/conftest.py``), for annotating
-test arguments."""
+"""Signatures of the process fixtures, for annotating test arguments.
+
+The fixtures themselves live in ``tests/conftest.py``.
+"""
 
 from __future__ import annotations
 

@@ -61,8 +61,11 @@ Payload: Final = _payload_class()
 
 
 def spb(*metrics: dict[str, Any], timestamp: int | None = None, seq: int | None = None) -> bytes:
-    """A serialized Payload; each metric a dict of Metric fields (``name``, ``alias``,
-    ``timestamp``, ``datatype``, ``int_value``, ``float_value`` ...)."""
+    """A serialized Payload; each metric a dict of Metric fields.
+
+    The fields are ``name``, ``alias``, ``timestamp``, ``datatype``, ``int_value``,
+    ``float_value`` ...
+    """
     message = Payload()
     if timestamp is not None:
         message.timestamp = timestamp

@@ -1,5 +1,7 @@
-"""The vendor SDK's captured push requests, kept in ``tests/data/vectors/push`` (see the README
-there for where they came from). A missing vector is a failure, never a skip."""
+"""The vendor SDK's captured push requests, kept in ``tests/data/vectors/push``.
+
+See the README there for where they came from. A missing vector is a failure, never a skip.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ def push_vector_names() -> list[str]:
 
 
 def load_push_vector(name: str) -> dict[str, Any]:
-    """A captured vendor-SDK request (``<name>.json``) with ``body`` as bytes and, when present,
-    ``canonical_txt``.
+    """A captured vendor-SDK request (``<name>.json``).
+
+    ``body`` is bytes; ``canonical_txt`` is there when the capture has one.
 
     Raises:
         FileNotFoundError: the vector is not in the repository (a failure, not a skip).

@@ -1,0 +1,1 @@
+"""Unit tests of the pure parts, in-process and fast."""

@@ -24,8 +24,10 @@ async def _requests(limit: AdaptiveLimit, count: int, *, seconds: float = 0.005)
 
 
 async def test_limit_opens_from_its_start_while_requests_wait_for_a_slot() -> None:
-    """Test that with more requests than slots, successes open the limit from 2 towards the
-    maximum (slow start: one more per success), and more requests run at once."""
+    """Test that with more requests than slots, successes open the limit one per success.
+
+    The limit grows from 2 towards the maximum (slow start), and more requests run at once.
+    """
     limit = AdaptiveLimit(32, Metrics(), initial=2)
     peak = await _requests(limit, 200)
 
@@ -43,8 +45,10 @@ async def test_limit_stays_put_when_no_request_waits() -> None:
 
 
 async def test_throttling_halves_the_limit_and_it_reopens_slowly() -> None:
-    """Test that a throttle halves the limit and sets the threshold there, so that the next
-    successes add about one per round trip (1/limit each), not one each."""
+    """Test that a throttle halves the limit and sets the threshold there.
+
+    The next successes then add about one per round trip (1/limit each), not one each.
+    """
     limit = AdaptiveLimit(32, Metrics(), initial=2)
     await _requests(limit, 200)
     limit.on_throttle()

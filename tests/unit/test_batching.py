@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
@@ -25,9 +26,11 @@ class FakeClock:
         self.now = now
 
     def __call__(self) -> float:
+        """The time the test last set or advanced to."""
         return self.now
 
     def advance(self, secs: float) -> None:
+        """Move the clock ``secs`` seconds forward."""
         self.now += secs
 
 
@@ -78,8 +81,8 @@ def _add_all(batcher: Batcher, items: list[SpooledReading]) -> list[Batch]:
     return [batch for item in items for batch in batcher.add(item)]
 
 
-def _devices(batch: Batch) -> list[dict[str, object]]:
-    devices: list[dict[str, object]] = json.loads(batch.body)["devices"]
+def _devices(batch: Batch) -> list[dict[str, Any]]:
+    devices: list[dict[str, Any]] = json.loads(batch.body)["devices"]
     return devices
 
 
@@ -206,7 +209,7 @@ def test_batching_max_devices_closes_the_batch_from_add() -> None:
     first = _add_all(batcher, [_item(1, "m1"), _item(2, "m2")])
     closed = batcher.add(_item(3, "m3"))
 
-    expected = ([], [[1, 2, 3]], 0, 0)
+    expected: tuple[list[Batch], list[list[int]], int, int] = ([], [[1, 2, 3]], 0, 0)
     actual = (first, [b.rids for b in closed], batcher.open_batches, batcher.pending)
     assert expected == actual
 
@@ -218,7 +221,7 @@ def test_batching_merged_readings_do_not_count_towards_max_devices() -> None:
     closed = _add_all(batcher, [_item(1, "m1"), _item(2, "m1"), _item(3, "m1")])
     open_batches = batcher.open_batches
 
-    expected = ([], 1, [[[1, 2, 3]]])
+    expected: tuple[list[Batch], int, list[list[list[int]]]] = ([], 1, [[[1, 2, 3]]])
     assert expected == (closed, open_batches, [b.entry_rids for b in batcher.flush()])
 
 
@@ -307,7 +310,7 @@ def test_batching_linger_due_before_and_after() -> None:
     late = batcher.due()
     again = batcher.due()
 
-    expected = ([], [[1]], [], 0)
+    expected: tuple[list[Batch], list[list[int]], list[Batch], int] = ([], [[1]], [], 0)
     assert expected == (early, [b.rids for b in late], again, batcher.open_batches)
 
 
@@ -378,6 +381,7 @@ def test_batching_flush_returns_everything() -> None:
 
     batches = batcher.flush()
 
+    expected: tuple[list[list[int]], int, int, float | None, list[Batch]]
     expected = ([[1, 4], [2], [3]], 0, 0, None, [])
     actual = (
         [b.rids for b in batches],
@@ -465,7 +469,7 @@ def test_batching_no_memory_pressure_at_max_pending() -> None:
         batcher, [_item(1, "a", device_type="1"), _item(2, "b", device_type="2"), _item(3, "c")]
     )
 
-    expected = ([], 3)
+    expected: tuple[list[Batch], int] = ([], 3)
     assert expected == (closed, batcher.pending)
 
 
@@ -586,8 +590,11 @@ def test_batching_batch_rids_and_size() -> None:
 
 
 def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
-    """Test that a slice of a batch carries exactly its entries, row ids and arrival times, and
-    a body of just those entries (how a refused batch is split)."""
+    """Test that a slice of a batch carries exactly its entries, row ids and arrival times.
+
+    A slice of a batch carries exactly its entries, row ids and arrival times, and
+    a body of just those entries (how a refused batch is split).
+    """
     batcher = _batcher()
     _add_all(
         batcher,
@@ -606,8 +613,11 @@ def test_batching_batch_slice_keeps_each_entry_and_its_times() -> None:
 
 
 def test_batching_types_without_device_id_keep_their_sources_apart() -> None:
-    """Test that readings of types 15/16 from two sources at the same recordTime never merge
-    into one entry (they go out in separate requests, each without a deviceId)."""
+    """Test that type 15/16 readings from two sources at one recordTime never merge.
+
+    Readings of types 15/16 from two sources at the same recordTime never merge
+    into one entry (they go out in separate requests, each without a deviceId).
+    """
     batcher = _batcher()
     _add_all(
         batcher,
@@ -728,8 +738,10 @@ def _held(rid: int, data: dict[str, str], hold_until: float) -> SpooledReading:
 
 
 def test_batching_held_readings_wait_for_their_window_and_merge_once() -> None:
-    """Test that readings with hold_until stay open until that time plus linger, merging the
-    partial messages of one device and aligned time into one entry sent once."""
+    """Test that readings with hold_until stay open until that time plus linger, then merge.
+
+    The partial messages of one device and aligned time merge into one entry sent once.
+    """
     clock = FakeClock()
     batcher = _batcher(clock, linger_secs=1.0)
     batcher.add(_held(1, {"Ua": "230.1"}, START + 60))
@@ -755,8 +767,11 @@ def test_batching_held_readings_are_closed_on_flush() -> None:
 
 
 def test_batching_held_batch_is_not_closed_when_full_and_split_at_its_end() -> None:
-    """Test that a held batch past max_devices stays open (its entries would go out half
-    merged) and is split into requests of max_devices entries when its window closes."""
+    """Test that a held batch past max_devices stays open and is split when its window closes.
+
+    Closing it early would send its entries half merged; at the window's end it is split into
+    requests of max_devices entries.
+    """
     clock = FakeClock()
     batcher = _batcher(clock, max_devices=2, linger_secs=1.0)
     early: list[Batch] = []
@@ -773,8 +788,10 @@ def test_batching_held_batch_is_not_closed_when_full_and_split_at_its_end() -> N
 
 
 def test_batching_held_merges_do_not_count_as_pending() -> None:
-    """Test that readings merged into a held entry do not count towards max_pending, so the
-    partial messages of a window are not closed early under memory pressure."""
+    """Test that readings merged into a held entry do not count towards max_pending.
+
+    So the partial messages of a window are not closed early under memory pressure.
+    """
     batcher = _batcher(max_pending=2)
     closed: list[Batch] = []
     for rid in range(1, 6):

@@ -139,8 +139,10 @@ def test_settings_js_names_the_flow_file(tmp_path: Path) -> None:
 
 
 def test_sign_js_reproduces_the_vendor_capture_and_the_bridge() -> None:
-    """Test that SIGN_JS signs a captured SDK request byte for byte as the SDK did, and a
-    bridge request as bridge/push/signing.py does."""
+    """Test that SIGN_JS signs as the SDK and as bridge/push/signing.py do, byte for byte.
+
+    A captured SDK request is signed as the SDK did, a bridge request as the bridge does.
+    """
     vector = load_push_vector("push_v3_ak")
     captured = dict(vector["headers"])
     captured_authorization = captured.pop("authorization")
@@ -187,8 +189,10 @@ def test_sign_js_reproduces_the_vendor_capture_and_the_bridge() -> None:
 
 
 def test_flow_functions_build_entries_and_a_request_the_stub_accepts() -> None:
-    """Test the flow's own function code: a reading becomes an entry, a batch a signed body
-    whose signature verifies the way the cloud stub verifies it."""
+    """Test that the flow's function code turns readings into entries and a batch a signed body.
+
+    The signature verifies the way the cloud stub verifies it.
+    """
     reading = {"ts": 1796601600, "Ua": 220.5, "PF": 0.85, "seq": 7}
     entry_msg = {"topic": "meters/1/meter-0007/telemetry", "payload": reading}
     result = _run_js(
@@ -248,7 +252,7 @@ def test_combine_ratios_and_table_print_both_systems() -> None:
     assert red["runs_readings_per_s"] == [1000, 3000, 2000]
     assert bridge["lost"] == 1
     assert ratios(bridge, red) == {"readings_per_s": 2.0, "cpu_s_per_100k": 0.5, "peak_rss": 0.4}
-    lines = [
+    lines: list[dict[str, Any]] = [
         {
             "scenario": "live",
             "node_red": red,

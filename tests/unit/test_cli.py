@@ -45,8 +45,11 @@ def test_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> 
 
 
 def test_check_reports_a_credential_with_a_line_break_and_fails() -> None:
-    """Test that `check` reports the malformed credential `run` would refuse, naming the
-    variable (never the value), and exits 1."""
+    """Test that `check` reports a malformed credential by name, never value, and exits 1.
+
+    `check` reports the malformed credential `run` would refuse, naming the
+    variable (never the value), and exits 1.
+    """
     result = _cli(
         "check",
         env={
@@ -73,8 +76,11 @@ def _check_warnings(timezone: str) -> list[str]:
 
 
 def test_check_warns_about_a_timezone_with_daylight_saving() -> None:
-    """Test that `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
-    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai."""
+    """Test that `check` explains the recordTime ambiguity of a DST zone, and only then.
+
+    `check` explains the recordTime ambiguity of a DST zone (Europe/Berlin) and
+    suggests a zone without DST, and says nothing of the kind for Asia/Shanghai.
+    """
     berlin = [w for w in _check_warnings("Europe/Berlin") if w.startswith("timezone")]
     shanghai = [w for w in _check_warnings("Asia/Shanghai") if w.startswith("timezone")]
 
@@ -110,8 +116,10 @@ def test_check_sample_prints_the_push_body_with_exact_values() -> None:
 
 
 def test_check_sample_shows_each_points_source_for_a_generic_route(tmp_path: Path) -> None:
-    """Test that `check --sample` lists the readings of a generic route with, for each point,
-    the path, sum or scale it came from."""
+    """Test that `check --sample` lists a generic route's readings with each point's source.
+
+    The source is the path, sum or scale the point came from.
+    """
     config = tmp_path / "bridge.yaml"
     config.write_text(
         "routes:\n"
@@ -167,8 +175,11 @@ def test_bad_environment_override_names_the_key_and_variable() -> None:
 
 
 def test_misspelt_environment_variable_fails_naming_it() -> None:
-    """Test that an ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
-    with a message naming the variable, instead of being ignored."""
+    """Test that an unknown ENERGY_BRIDGE_* variable stops the command (exit 2), named.
+
+    An ENERGY_BRIDGE_* variable that is no setting stops the command (exit 2)
+    with a message naming the variable, instead of being ignored.
+    """
     result = _cli("check", env={"ENERGY_BRIDGE_MQQT__PORT": "1884"})
     assert 2 == result.returncode
     assert "ENERGY_BRIDGE_MQQT__PORT is not a setting" in result.stderr
@@ -212,8 +223,11 @@ def test_readme_starts_with_the_demo_and_test_commands() -> None:
 
 
 def test_check_sample_on_a_preset_shows_sources_or_the_skip_reason(tmp_path: Path) -> None:
-    """Test that `check --sample` on a preset route shows each point's default source, and
-    for a message that is not a reading the skip reason, exiting 0."""
+    """Test that `check --sample` on a preset shows each point's source, or the skip reason.
+
+    A point's source is the preset's default; a message that is not a reading shows the skip
+    reason, and the command exits 0.
+    """
     config = tmp_path / "bridge.yaml"
     config.write_text("routes:\n  - format: tasmota\n", encoding="utf-8")
     sensor = '{"Time":"2018-02-15T17:37:10","ENERGY":{"Power":[490,0,10],"Voltage":230}}'

@@ -1,5 +1,8 @@
-"""The device registry on the command line: `check` and `run` refuse a bad file naming its
-line; `check --sample` shows the ids the registry maps to."""
+"""The device registry on the command line.
+
+`check` and `run` refuse a bad file naming its line; `check --sample` shows the ids the registry
+maps to.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ def _config(tmp_path: Path, csv: str, unknown: str = "pass") -> Path:
 
 
 def test_check_and_run_refuse_a_bad_registry_naming_the_file_and_line(tmp_path: Path) -> None:
-    """Test that a registry row with too many columns fails `check` and `run` (exit 2) with a
-    message that names the file and its line."""
+    """Test that a registry row with too many columns fails `check` and `run` (exit 2).
+
+    The message names the file and its line.
+    """
     config = _config(tmp_path, "source_id,device_id\nm-1,EE-1\nm-2,EE-2,1,extra\n")
 
     results = [_cli(command, "--config", str(config)) for command in ("check", "run")]
@@ -52,8 +57,10 @@ def test_check_and_run_refuse_a_bad_registry_naming_the_file_and_line(tmp_path: 
 
 
 def test_check_sample_maps_the_device_id_through_the_registry(tmp_path: Path) -> None:
-    """Test that `check --sample` shows the deviceId and device type the registry gives, and
-    the unknown_device reason for an unlisted id with `unknown: reject`."""
+    """Test that `check --sample` shows the registry's deviceId and type, or unknown_device.
+
+    An unlisted id gets the unknown_device reason with `unknown: reject`.
+    """
     config = _config(tmp_path, "source_id,device_id,device_type\nm-1,EE-0001,2\n", "reject")
     payload = '{"ts": 1631097600, "Ua": 226.10}'
 

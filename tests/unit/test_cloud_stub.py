@@ -143,7 +143,10 @@ Serve = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    """Start stubs on 127.0.0.1 (``await serve(options, clock=...)``); all stop at teardown."""
+    """A starter of stubs on 127.0.0.1; every stub it started stops at teardown.
+
+    Call it as ``await serve(options, clock=...)``.
+    """
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession())
 
@@ -868,8 +871,11 @@ async def test_introspection_no_keep_counts_only(serve: Serve) -> None:
 async def test_introspection_keep_max_keeps_the_last_entries_and_counts_the_rest(
     serve: Serve,
 ) -> None:
-    """Test that keep_max=3 keeps the last three entries, counts the one dropped, and pages
-    with indices that stay those of all entries ever accepted."""
+    """Test that keep_max=3 keeps the last three entries with their original indices.
+
+    keep_max=3 keeps the last three entries, counts the one dropped, and pages
+    with indices that stay those of all entries ever accepted.
+    """
     running = await serve(StubOptions(keep_max=3))
 
     await running.push()  # m1, m2
@@ -897,8 +903,11 @@ async def test_introspection_keep_max_keeps_the_last_entries_and_counts_the_rest
 
 
 async def test_introspection_keep_max_bounds_duplicate_detection_too(serve: Serve) -> None:
-    """Test that with keep_max only the last N entries' fingerprints are remembered: an entry
-    equal to one within them is a duplicate, one equal to an older entry is not."""
+    """Test that with keep_max only the kept entries' fingerprints count for duplicates.
+
+    With keep_max only the last N entries' fingerprints are remembered: an entry
+    equal to one within them is a duplicate, one equal to an older entry is not.
+    """
     running = await serve(StubOptions(keep_max=3))
 
     await running.push()  # m1, m2

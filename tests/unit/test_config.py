@@ -137,8 +137,11 @@ def test_config_environment_value_is_validated(monkeypatch: pytest.MonkeyPatch) 
 def test_config_environment_variable_that_is_no_setting_is_refused(
     monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """Test that an ENERGY_BRIDGE_* variable that names no setting fails, naming the
-    variable and never its value."""
+    """Test that an ENERGY_BRIDGE_* variable that names no setting fails, naming only it.
+
+    An ENERGY_BRIDGE_* variable that names no setting fails, naming the
+    variable and never its value.
+    """
     monkeypatch.setenv(name, "1884-value-kept-private")
 
     with pytest.raises(ConfigError) as info:
@@ -166,8 +169,11 @@ def test_config_environment_typo_suggests_the_setting(monkeypatch: pytest.Monkey
 def test_config_environment_settings_and_tool_variables_still_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Test that real settings of every depth, whole sections and lists as JSON, and the
-    variables of the project's tools (the cloud stub's keys) are all accepted."""
+    """Test that every real setting, section and tool variable in the environment is accepted.
+
+    Real settings of every depth, whole sections and lists as JSON, and the
+    variables of the project's tools (the cloud stub's keys) are all accepted.
+    """
     monkeypatch.setenv("ENERGY_BRIDGE_MQTT__PORT", "1884")
     monkeypatch.setenv("energy_bridge_log__level", "debug")
     monkeypatch.setenv("ENERGY_BRIDGE_MQTT__TLS__INSECURE", "false")
@@ -210,7 +216,7 @@ def test_config_settings_are_frozen() -> None:
     settings = load_settings()
 
     with pytest.raises(ValueError, match="frozen"):
-        settings.mqtt.port = 1  # type: ignore[misc]
+        settings.mqtt.port = 1
 
 
 # -- errors name their key ------------------------------------------------------------------
@@ -407,8 +413,11 @@ def test_config_invalid_yaml(write: typing.Callable[[str], Path]) -> None:
 def test_config_yaml_syntax_error_gives_line_and_column_never_the_text(
     write: typing.Callable[[str], Path], line: str, expected: str
 ) -> None:
-    """Test that a YAML error on the password line names line, column and problem, and
-    neither the error nor its chained causes quote the line (the password)."""
+    """Test that a YAML error on the password line never quotes the line.
+
+    A YAML error on the password line names line, column and problem, and
+    neither the error nor its chained causes quote the line (the password).
+    """
     secret = "s3cr3t-pa55-v4lue-xy"
     path = write("mqtt:\n  username: plant\n" + line.format(secret=secret) + "\nbatch: {}\n")
 
@@ -510,8 +519,11 @@ def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
 def test_config_top_level_key_that_is_not_a_string(
     write: typing.Callable[[str], Path], text: str, key: str
 ) -> None:
-    """Test that a top-level key YAML reads as a bool or number is a ConfigError naming that
-    key as YAML read it and saying how to fix it (quote the key)."""
+    """Test that a top-level key YAML reads as a bool or number is a ConfigError naming it.
+
+    A top-level key YAML reads as a bool or number is a ConfigError naming that
+    key as YAML read it and saying how to fix it (quote the key).
+    """
     error = _error(write(text))
 
     assert (key, True) == (error.key, "quote the key" in error.message)
@@ -563,9 +575,12 @@ def test_config_route_subscription_turns_placeholders_into_plus(
 def test_config_keys_that_are_settings_source_options_are_refused(
     write: typing.Callable[[str], Path], key: str
 ) -> None:
-    """Test that a top-level key pydantic-settings would take as an instruction (parse the
+    """Test that pydantic-settings' instruction keys are refused as unknown keys.
+
+    A top-level key pydantic-settings would take as an instruction (parse the
     command line and exit, read a dotenv file) is refused as an unknown key, naming it. Found
-    by the config fuzzer: `_cli_parse_args: true` made `check` parse its own argv and exit."""
+    by the config fuzzer: `_cli_parse_args: true` made `check` parse its own argv and exit.
+    """
     error = _error(write(f"{key}: true\n"))
 
     assert (key, True) == (error.key, "unknown key" in error.message)

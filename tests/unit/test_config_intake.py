@@ -44,20 +44,25 @@ def test_config_sparkplug_route_refuses_what_cannot_work(
 
 
 def test_config_sparkplug_options_need_the_sparkplug_format() -> None:
-    """Test that sparkplug_group, request_rebirth or a point named by metric (not a path) on a
-    JSON route is refused, not ignored."""
+    """Test that Sparkplug-only keys on a JSON route are refused, not ignored.
+
+    The keys are sparkplug_group, request_rebirth and a point named by metric (not a path).
+    """
     for fields in (
         {"request_rebirth": True},
         {"sparkplug_group": "g"},
         {"points": {"a": {"name": "b"}}},
     ):
         with pytest.raises(ValidationError, match=r"needs? format 'sparkplug-b'"):
-            Route(**fields)  # type: ignore[arg-type]
+            Route(**fields)
 
 
 def test_config_sparkplug_points_are_metric_names_taken_as_they_stand() -> None:
-    """Test that a sparkplug-b route reads a bare string under points as a metric name (slashes
-    and spaces included, which a path would refuse), and refuses paths, sums and scales."""
+    """Test that a sparkplug-b route reads a bare string point as a metric name, nothing else.
+
+    Slashes and spaces are allowed (a path would refuse them); paths, sums and scales are
+    refused.
+    """
     route = Route(
         format=PayloadFormat.SPARKPLUG_B,
         device_type="1",

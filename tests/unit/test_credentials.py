@@ -1,5 +1,8 @@
-"""Credentials are checked when read: surrounding whitespace goes, anything else that cannot be
-in a key (a line break, a space, a control character) is refused naming where it came from."""
+"""Credentials are checked when read, naming where a malformed one came from.
+
+Surrounding whitespace goes; anything else that cannot be in a key (a line break, a space, a
+control character) is refused.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +47,11 @@ async def test_credentials_file_values_lose_surrounding_whitespace(tmp_path: Pat
 async def test_credentials_file_with_a_bad_character_inside_is_refused(
     tmp_path: Path, bad: str
 ) -> None:
-    """Test that a secret file with a line break, space or control character inside is a
-    CredentialsMalformedError naming the file and never the value."""
+    """Test that a malformed secret file is refused naming the file, never the value.
+
+    A secret file with a line break, space or control character inside is a
+    CredentialsMalformedError naming the file and never the value.
+    """
     provider = _files(tmp_path, "myid\n", SECRET[:8] + bad + SECRET[8:] + "\n")
 
     with pytest.raises(CredentialsMalformedError) as info:
@@ -92,8 +98,11 @@ async def test_credentials_variables_lose_surrounding_whitespace(
 def test_credentials_check_format_refuses_malformed_and_lets_missing_pass(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Test that check_format (the start-up check) raises only for credentials that are there
-    but malformed: missing ones are a wait, not a mistake in what was given."""
+    """Test that check_format raises only for credentials present but malformed.
+
+    check_format (the start-up check) raises only for credentials that are there
+    but malformed: missing ones are a wait, not a mistake in what was given.
+    """
     provider = CredentialsProvider(CredentialsSettings())
     provider.check_format()  # nothing set: passes
     monkeypatch.setenv(ENV_ID, "myid")

@@ -1,5 +1,7 @@
-"""The generic mapping: records, device ids and times found by paths, named points, sums and
-scales, lenient values, time rules and aligned record times."""
+"""The generic mapping: records, device ids and times found by paths, named points.
+
+Also sums and scales, lenient values, time rules and aligned record times.
+"""
 
 from __future__ import annotations
 
@@ -70,8 +72,10 @@ def _data(payload: object, **fields: Any) -> dict[str, str]:
 
 
 def test_generic_issue_example_maps_two_meters_exactly(tmp_path: Path) -> None:
-    """Test that the issue's configuration, as written, maps a gateway message with two meters:
-    ids from the records, times by format and aligned, values digit for digit."""
+    """Test that the issue's configuration, as written, maps a gateway message with two meters.
+
+    Ids come from the records, times by format and aligned, values digit for digit.
+    """
     config = tmp_path / "config.yaml"
     config.write_text(ISSUE_CONFIG)
     settings_ = load_settings(config)
@@ -562,8 +566,10 @@ def test_generic_config_scale_factor_too_large_is_refused() -> None:
 
 
 def test_generic_route_defaults_express_a_preset() -> None:
-    """Test that a preset's defaults fill the keys a user left out, and the user's keys win
-    (a route's points replace the preset's map)."""
+    """Test that a preset's defaults fill the keys a user left out, and the user's keys win.
+
+    A route's points replace the preset's map.
+    """
     preset = {
         "topic": "tele/{deviceId}/SENSOR",
         "time": "Time",

@@ -493,8 +493,11 @@ def test_device_id_is_kept_for_types_that_need_it(device_type: str) -> None:
 
 @pytest.mark.parametrize("device_type", ["15", "16"])
 def test_device_id_is_omitted_for_types_15_and_16(device_type: str) -> None:
-    """Test that types 15/16 never send a deviceId, even when the topic has one; the topic's id
-    stays with the reading only to keep the sources apart (see the batching tests)."""
+    """Test that types 15/16 never send a deviceId, even when the topic has one.
+
+    Types 15/16 never send a deviceId, even when the topic has one; the topic's id
+    stays with the reading only to keep the sources apart (see the batching tests).
+    """
     reading = _one('{"P": 1}', f"meters/{device_type}/sys-9/telemetry".encode())
     no_level = _one(
         '{"P": 1}',
@@ -868,8 +871,11 @@ def test_property_parse_time_gives_an_in_range_epoch_or_bad_time(value: object) 
 
 
 def test_long_topics_and_device_ids_are_rejected_to_bound_memory() -> None:
-    """Test that a topic over 1024 bytes and a deviceId over 128 characters are rejected with
-    their own reasons (1,000 distinct 60 kB ids used to cost ~180 MB of caches)."""
+    """Test that an overlong topic or deviceId is rejected with its own reason.
+
+    A topic over 1024 bytes and a deviceId over 128 characters are rejected with
+    their own reasons (1,000 distinct 60 kB ids used to cost ~180 MB of caches).
+    """
     long_id = "m" * 129
     long_topic = ("meters/1/" + "m" * 1100 + "/telemetry").encode()
 
@@ -882,9 +888,12 @@ def test_long_topics_and_device_ids_are_rejected_to_bound_memory() -> None:
 
 
 def test_numbers_with_absurd_exponents_are_rejected_not_raised() -> None:
-    """Test that a value or time like 6e5555...5 (an exponent past what a decimal holds) is a
+    """Test that an exponent past what a decimal holds is a reject, not an exception.
+
+    A value or time like 6e5555...5 (an exponent past what a decimal holds) is a
     bad_value / bad_time reject, not an exception that would stop the ingest loop. Found by
-    the mapping fuzzer."""
+    the mapping fuzzer.
+    """
     huge = "6e" + "5" * 60
 
     expected = ["bad_time", "bad_value", "bad_value"]

@@ -72,7 +72,7 @@ def _ours(packet: bytes, *, v5: bool) -> tuple[bytes, bytes, int, int, bool, boo
 
 
 # MQTT UTF-8 strings: no NUL, no surrogates (paho refuses to read them back).
-_TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+_TEXT = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
 
 _PROPERTY_SETTERS = {
     "PayloadFormatIndicator": st.integers(0, 1),
@@ -116,8 +116,11 @@ def test_packets_publish_decodes_like_paho(
     v5: bool,
     properties: Properties,
 ) -> None:
-    """Test that every well-formed QoS 0/1 PUBLISH, v3.1.1 or v5 with any properties (packed by
-    paho), decodes to the same topic, payload, packet id and flags as paho's own decoder."""
+    """Test that every well-formed QoS 0/1 PUBLISH decodes exactly as paho decodes it.
+
+    Every well-formed QoS 0/1 PUBLISH, v3.1.1 or v5 with any properties (packed by
+    paho), decodes to the same topic, payload, packet id and flags as paho's own decoder.
+    """
     packet = _publish(
         topic, payload, qos=qos, mid=mid, dup=dup, retain=retain, properties=properties, v5=v5
     )
@@ -126,8 +129,11 @@ def test_packets_publish_decodes_like_paho(
 
 
 def test_packets_topic_alias_is_reported() -> None:
-    """Test that a v5 Topic Alias property is found (the bridge never allows one, so a packet
-    carrying it is not taken for an empty topic)."""
+    """Test that a v5 Topic Alias property is found.
+
+    A v5 Topic Alias property is found (the bridge never allows one, so a packet
+    carrying it is not taken for an empty topic).
+    """
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.TopicAlias = 3
     props.UserProperty = [("a", "b")]
@@ -149,8 +155,11 @@ def test_packets_topic_alias_is_reported() -> None:
 def test_packets_fixed_headers_frame_a_stream(
     packets: list[tuple[bytes, bytes]], others: list[bytes]
 ) -> None:
-    """Test that walking fixed headers over a stream of packets (PUBLISH mixed with PINGRESP,
-    SUBACK, CONNACK) finds each packet's boundary exactly, and nothing past a cut."""
+    """Test that walking fixed headers finds each packet's boundary exactly.
+
+    Walking fixed headers over a stream of packets (PUBLISH mixed with PINGRESP,
+    SUBACK, CONNACK) finds each packet's boundary exactly, and nothing past a cut.
+    """
     frames = [_publish(t, p) for t, p in packets] + others
     stream = b"".join(frames)
     found = []
@@ -180,8 +189,11 @@ def test_packets_fixed_headers_frame_a_stream(
     ],
 )
 def test_packets_malformed_publish_is_refused(packet: bytes) -> None:
-    """Test that a PUBLISH that is cut short, lies about its parts or is not QoS 0/1 raises
-    MalformedPacket (the connection is then closed by paho), never anything else."""
+    """Test that a malformed PUBLISH raises MalformedPacket, never anything else.
+
+    A PUBLISH that is cut short, lies about its parts or is not QoS 0/1 raises
+    MalformedPacket (the connection is then closed by paho), never anything else.
+    """
     with pytest.raises(MalformedPacket):
         parse_publish(packet, 0, len(packet), v5=True)
 

@@ -1,6 +1,8 @@
-"""Presets (``format: <name>``): every sample of the payload corpus through the mapper, the
-default maps and what replaces them, the topics, and the property that any JSON on any preset
-topic gives readings, a skip or a reason."""
+"""Presets (``format: <name>``): every sample of the payload corpus through the mapper.
+
+Also the default maps and what replaces them, the topics, and the property that any JSON on any
+preset topic gives readings, a skip or a reason.
+"""
 
 from __future__ import annotations
 
@@ -99,8 +101,10 @@ def _mapper(family: str, **fields: Any) -> Mapper:
 
 
 def _sample(entry: dict[str, Any]) -> list[Reading]:
-    """Map one corpus sample through a route of its family (the default topics unless the
-    sample's publisher used another)."""
+    """Map one corpus sample through a route of its family.
+
+    The route has the default topics unless the sample's publisher used another.
+    """
     fields = {"topic": TOPICS[entry["file"]]} if entry["file"] in TOPICS else {}
     mapper = _mapper(entry["family"], **fields)
     return mapper.map(entry["topic"].encode(), (CORPUS / entry["file"]).read_bytes(), NOW)
@@ -122,8 +126,10 @@ def _assert_points(family: str, expected: dict[str, str], actual: dict[str, str]
     ids=lambda e: e["file"],
 )
 def test_presets_corpus_reading_digit_for_digit(entry: dict[str, Any]) -> None:
-    """Test that a corpus reading maps to its expected device and points, each value digit
-    for digit (converted values by exact decimal value), at the right recordTime."""
+    """Test that a corpus reading maps to its expected device and points at the right time.
+
+    Each value is digit for digit (converted values by exact decimal value).
+    """
     readings = _sample(entry)
     assert 1 == len(readings)
     (reading,) = readings
@@ -137,8 +143,10 @@ def test_presets_corpus_reading_digit_for_digit(entry: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("file", sorted(SEVERAL))
 def test_presets_corpus_several_readings_a_message(file: str) -> None:
-    """Test that a batch, a gateway pack and a gateway telemetry message give one reading per
-    device and time, each exact; a gateway's own string-only status gives none."""
+    """Test that a batch, a gateway pack and gateway telemetry give a reading per device and time.
+
+    Each is exact; a gateway's own string-only status gives none.
+    """
     (entry,) = [e for e in SAMPLES if e["file"] == file]
     actual = [(r.device_id, r.record_time, r.data) for r in _sample(entry)]
     assert SEVERAL[file] == actual
@@ -152,8 +160,11 @@ def test_presets_corpus_several_readings_a_message(file: str) -> None:
 def test_presets_corpus_reading_without_expectation_is_never_rejected(
     entry: dict[str, Any],
 ) -> None:
-    """Test that a corpus message the index gives no mapping for maps to readings or is
-    skipped (a quantity without a type-1 point, a copy on another topic), never dead-lettered."""
+    """Test that a corpus message without an indexed mapping maps or is skipped, never rejected.
+
+    It is skipped for a quantity without a type-1 point or a copy on another topic; never
+    dead-lettered.
+    """
     try:
         readings = _sample(entry)
     except MessageSkipped as exc:
@@ -167,8 +178,10 @@ def test_presets_corpus_reading_without_expectation_is_never_rejected(
     "entry", [e for e in SAMPLES if not e["is_reading"]], ids=lambda e: e["file"]
 )
 def test_presets_corpus_non_reading_is_skipped_with_a_reason(entry: dict[str, Any]) -> None:
-    """Test that a corpus message that is not a reading (LWT, STATE, online, Homie `$`,
-    bridge state, null values, replies) is skipped with a known reason, not rejected."""
+    """Test that a corpus message that is not a reading is skipped with a known reason.
+
+    LWT, STATE, online, Homie `$`, bridge state, null values, replies: skipped, not rejected.
+    """
     with pytest.raises(MessageSkipped) as info:
         _sample(entry)
     assert info.value.reason in SKIP_REASONS
@@ -218,8 +231,10 @@ def test_presets_home_assistant_discovery_is_metadata() -> None:
 
 
 def test_presets_route_without_topic_subscribes_to_the_presets_topics() -> None:
-    """Test that a preset route without topic takes every default topic of the preset, and
-    an explicit topic replaces them."""
+    """Test that a preset route without topic takes every default topic of the preset.
+
+    An explicit topic replaces them.
+    """
     assert ["+/status/+", "+/events/rpc", "+/online"] == _mapper("shelly-gen2").subscriptions
     assert ["tele/+/#"] == _mapper("tasmota").subscriptions
     assert ["/sys/+/+/thing/event/property/#"] == _mapper("alink").subscriptions
@@ -236,8 +251,10 @@ def test_presets_route_defaults_to_device_type_1() -> None:
 
 
 def test_presets_route_points_replace_the_presets_map() -> None:
-    """Test that a route's points replace the preset's map: only the named points are sent,
-    from paths into the preset's records."""
+    """Test that a route's points replace the preset's map: only the named points are sent.
+
+    They are read from paths into the preset's records.
+    """
     mapper = _mapper(
         "tasmota",
         points={"Ua": "ENERGY.Voltage", "S": {"path": "ENERGY.ApparentPower", "scale": "0.001"}},
@@ -256,8 +273,10 @@ def test_presets_route_points_name_per_point_sources() -> None:
 
 
 def test_presets_identity_families_send_numeric_values_under_their_names() -> None:
-    """Test that Neuron, Alink and ThingsBoard send every numeric value under its own name,
-    skip strings, booleans and objects, and take `points` as EE point: source name."""
+    """Test that Neuron, Alink and ThingsBoard send every numeric value under its own name.
+
+    Strings, booleans and objects are skipped; `points` maps EE point: source name.
+    """
     payload = b'{"ts":1788945240000,"values":{"voltage_a":230.1,"state":"ON","ok":true}}'
     (reading,) = _mapper("thingsboard").map(b"v1/devices/m1/telemetry", payload, NOW)
     assert {"voltage_a": "230.1"} == reading.data
@@ -268,8 +287,10 @@ def test_presets_identity_families_send_numeric_values_under_their_names() -> No
 
 
 def test_presets_align_secs_merges_per_point_messages() -> None:
-    """Test that align_secs on a per-point preset gives its readings one aligned time and a
-    hold, so the batcher merges them into one entry."""
+    """Test that align_secs on a per-point preset gives its readings one aligned time and a hold.
+
+    So the batcher merges them into one entry.
+    """
     mapper = _mapper("mbmd", align_secs=10)
     first = mapper.map(b"mbmd/sdm1-1/Voltage/L1", b"231.400", NOW)[0]
     second = mapper.map(b"mbmd/sdm1-1/Current/L1", b"1.250", NOW + 3)[0]
@@ -369,8 +390,10 @@ _PRESET_TOPICS = st.sampled_from(
 def test_presets_property_any_json_on_any_preset_topic_gives_readings_a_skip_or_a_reason(
     data: st.DataObject, preset_topic: tuple[str, str], doc: object, raw: bytes | None
 ) -> None:
-    """Test that any JSON (or bytes) on any topic of any preset gives readings, a skip with
-    a known reason, or a rejection with a known reason; never anything else."""
+    """Test that any JSON on any preset topic gives readings, a skip or a rejection, with reason.
+
+    This holds for bytes too; the reasons are known ones, and nothing else happens.
+    """
     name, template = preset_topic
     topic = data.draw(_topics(template))
     payload = raw if raw is not None else json.dumps(doc).encode()

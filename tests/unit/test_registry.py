@@ -22,8 +22,11 @@ def _load(tmp_path: Path, text: str, *, reject_unknown: bool = False) -> Registr
 
 
 def test_registry_maps_ids_and_types_and_passes_the_rest(tmp_path: Path) -> None:
-    """Test that a listed id becomes the registry's deviceId (and device type where the row has
-    one), and an id that is not listed passes unchanged with unknown: pass."""
+    """Test that a listed id takes the registry's deviceId and type; others pass unchanged.
+
+    A listed id becomes the registry's deviceId (and device type where the row has
+    one), and an id that is not listed passes unchanged with unknown: pass.
+    """
     registry = _load(
         tmp_path,
         "\ufeffsource_id,device_id,device_type\n"
@@ -41,8 +44,11 @@ def test_registry_maps_ids_and_types_and_passes_the_rest(tmp_path: Path) -> None
 
 
 def test_registry_unknown_ids_are_rejected_when_asked(tmp_path: Path) -> None:
-    """Test that with unknown: reject an id the registry does not list is an unknown_device
-    rejection (dead-lettered with the message), and listed ids still map."""
+    """Test that with unknown: reject an unlisted id is an unknown_device rejection.
+
+    With unknown: reject an id the registry does not list is an unknown_device
+    rejection (dead-lettered with the message), and listed ids still map.
+    """
     registry = _load(tmp_path, "source_id,device_id\na,A\n", reject_unknown=True)
 
     with pytest.raises(MappingError) as info:
@@ -65,8 +71,11 @@ def test_registry_unknown_ids_are_rejected_when_asked(tmp_path: Path) -> None:
     ],
 )
 def test_registry_bad_file_is_refused_naming_the_line(tmp_path: Path, text: str, line: str) -> None:
-    """Test that a file with a wrong header, a duplicate or empty id, a bad type, extra columns
-    or an overlong id is refused as a whole, naming its line (key registry.file)."""
+    """Test that a bad registry file is refused as a whole, naming its line.
+
+    A file with a wrong header, a duplicate or empty id, a bad type, extra columns
+    or an overlong id is refused as a whole, naming its line (key registry.file).
+    """
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
 

@@ -78,8 +78,11 @@ def test_classify_200_with_success_body_but_error_code_is_success() -> None:
     ],
 )
 def test_classify_local_failures_by_their_kind(failure: Failure, expected: Outcome) -> None:
-    """Test that an attempt without an answer is judged by why it got none: a timeout or a
-    broken connection is retried, missing credentials pause delivery (not ready)."""
+    """Test that an attempt without an answer is judged by why it got none.
+
+    An attempt without an answer is judged by why it got none: a timeout or a
+    broken connection is retried, missing credentials pause delivery (not ready).
+    """
     assert expected == classify(0, "", success_body=False, failure=failure)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import MqttSettings, Settings, load_settings, per_point_warning
+from bridge.config import MqttSettings, Route, Settings, load_settings, per_point_warning
 from bridge.errors import ConfigError
 
 PER_POINT = {"topic": "meters/{deviceType}/{deviceId}/points/{point}", "format": "value"}
@@ -70,13 +70,14 @@ def test_client_id_from_the_environment_expands_too(monkeypatch: pytest.MonkeyPa
 
 def test_per_point_routes_with_share_group_are_warned_about() -> None:
     """Test that a per-point route under a share group gets a warning naming the broker knob."""
-    shared = Settings(mqtt={"share_group": "eb"}, routes=[{}, PER_POINT])
+    routes = [Route(), Route.model_validate(PER_POINT)]
+    shared = Settings(mqtt=MqttSettings(share_group="eb"), routes=routes)
     warning = per_point_warning(shared)
     assert warning is not None
     assert "meters/{deviceType}/{deviceId}/points/{point}" in warning
     assert "hash_topic" in warning
-    assert None is per_point_warning(Settings(routes=[{}, PER_POINT]))
-    assert None is per_point_warning(Settings(mqtt={"share_group": "eb"}))
+    assert None is per_point_warning(Settings(routes=routes))
+    assert None is per_point_warning(Settings(mqtt=MqttSettings(share_group="eb")))
 
 
 def test_check_warns_about_per_point_routes_in_a_share_group(tmp_path: Path) -> None:

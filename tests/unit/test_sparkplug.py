@@ -82,8 +82,11 @@ Payload = _payload_class()
 
 
 def test_sparkplug_vector_dbirth_decodes_names_aliases_types_and_values() -> None:
-    """Test that the DBIRTH vector gives each metric's name, alias, type and exact value (the
-    Float 230.5 as written, the Int32 -1500 with its sign, the null metric as no value)."""
+    """Test that the DBIRTH vector gives each metric's name, alias, type and exact value.
+
+    The DBIRTH vector gives each metric's name, alias, type and exact value (the
+    Float 230.5 as written, the Int32 -1500 with its sign, the null metric as no value).
+    """
     payload = decode_payload(S1_DBIRTH)
 
     expected = [
@@ -99,8 +102,11 @@ def test_sparkplug_vector_dbirth_decodes_names_aliases_types_and_values() -> Non
 
 
 def test_sparkplug_alias_only_data_resolves_through_the_birth() -> None:
-    """Test that an alias-only DDATA is named and typed by the DBIRTH that defined the alias,
-    and that both encoders' Int8 -1 (Tahu Python: 255, Tahu Java: 4294967295) read as -1."""
+    """Test that an alias-only DDATA is named and typed by the DBIRTH that defined it.
+
+    An alias-only DDATA is named and typed by the DBIRTH that defined the alias,
+    and both encoders' Int8 -1 (Tahu Python: 255, Tahu Java: 4294967295) read as -1.
+    """
     tables = AliasTables()
     tables.birth("plant/node-1", decode_payload(S1_DBIRTH), node=False)
     names = []
@@ -113,8 +119,11 @@ def test_sparkplug_alias_only_data_resolves_through_the_birth() -> None:
 
 
 def test_sparkplug_unknown_alias_is_unresolved_until_a_birth() -> None:
-    """Test that an alias nobody defined resolves to nothing, and an NBIRTH forgets the node's
-    aliases (a new session may reuse them for other metrics)."""
+    """Test that an undefined alias resolves to nothing and NBIRTH forgets a node's aliases.
+
+    An alias nobody defined resolves to nothing, and an NBIRTH forgets the node's
+    aliases (a new session may reuse them for other metrics).
+    """
     tables = AliasTables()
     (metric,) = decode_payload(S2_DDATA_INT32).metrics
     before = tables.resolve("g/e", metric)
@@ -139,8 +148,11 @@ def test_sparkplug_unknown_alias_is_unresolved_until_a_birth() -> None:
 def test_sparkplug_float_is_the_shortest_text_of_the_32_bit_value(
     value: str, expected: str
 ) -> None:
-    """Test that a Float metric is written as the shortest decimal that reads back as the same
-    32-bit float (229.3 arrives as "229.3", never "229.3000030517578"), in plain notation."""
+    """Test that a Float metric is written as the shortest decimal of its 32-bit value.
+
+    A Float metric is written as the shortest decimal that reads back as the same
+    32-bit float (229.3 arrives as "229.3", never "229.3000030517578"), in plain notation.
+    """
     message = Payload(metrics=[{"name": "P", "datatype": 9, "float_value": float(value)}])
     (metric,) = decode_payload(message.SerializeToString()).metrics
 
@@ -181,8 +193,11 @@ def _int_metric(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
 def test_sparkplug_values_read_like_the_official_runtime_wrote_them(
     metrics: list[tuple[dict[str, Any], str]], doubles: list[float], timestamp: int
 ) -> None:
-    """Test that payloads written by Google's protobuf runtime decode to the same timestamp and,
-    for every integer type and Double, exactly the value that was written."""
+    """Test that payloads from Google's protobuf runtime decode to exactly what was written.
+
+    Payloads written by Google's protobuf runtime decode to the same timestamp and,
+    for every integer type and Double, exactly the value that was written.
+    """
     fields = [m for m, _ in metrics] + [
         {"name": "d", "datatype": 10, "double_value": d} for d in doubles
     ]
@@ -217,8 +232,11 @@ def test_sparkplug_metrics_without_a_number_carry_no_value(
 
 
 def test_sparkplug_rebirth_request_is_what_the_runtime_reads() -> None:
-    """Test that the NCMD payload asking for a rebirth reads, with the official runtime, as
-    one Boolean metric "Node Control/Rebirth" = true."""
+    """Test that the rebirth NCMD reads as one Boolean "Node Control/Rebirth" = true.
+
+    The NCMD payload asking for a rebirth reads, with the official runtime, as
+    one Boolean metric "Node Control/Rebirth" = true.
+    """
     message = Payload()
     message.ParseFromString(encode_rebirth(1718000000000))
 
@@ -249,8 +267,11 @@ def test_sparkplug_any_bytes_decode_or_raise_sparkplug_error(data: bytes) -> Non
 def test_sparkplug_topic_gives_group_kind_and_device_id(
     topic: str, expected: tuple[str, str, str]
 ) -> None:
-    """Test that the deviceId is <edge>/<device> for device messages and <edge> for the node's
-    own, without the group."""
+    """Test that the deviceId is <edge>/<device> for device messages and <edge> for the node.
+
+    The deviceId is <edge>/<device> for device messages and <edge> for the node's
+    own, without the group.
+    """
     parsed = parse_topic(topic)
 
     assert expected == (parsed.group, parsed.kind, parsed.device_id)

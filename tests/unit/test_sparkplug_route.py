@@ -52,6 +52,7 @@ class Clock:
         self.now = 100.0
 
     def __call__(self) -> float:
+        """The time the test last set."""
         return self.now
 
 
@@ -83,9 +84,11 @@ def _entries(outcome: Outcome) -> list[tuple[str | None, str, dict[str, str]]]:
 
 
 def test_sparkplug_route_births_and_alias_only_data_become_exact_readings() -> None:
-    """Test that births are readings too and that an alias-only DDATA is read with the types
-    its DBIRTH declared: Int32 -118 (4294967178 on the wire) as "-118", Float 229.3 as
-    "229.3"; node messages get the edge node's id, device messages edge/device."""
+    """Test that births are readings and an alias-only DDATA is read with its DBIRTH's types.
+
+    Int32 -118 (4294967178 on the wire) reads as "-118", Float 229.3 as "229.3"; node messages
+    get the edge node's id, device messages edge/device.
+    """
     intake = _intake()
 
     births = _entries(_map(intake, N, NBIRTH)) + _entries(_map(intake, D, DBIRTH))
@@ -104,8 +107,10 @@ def test_sparkplug_route_births_and_alias_only_data_become_exact_readings() -> N
 def test_sparkplug_route_metric_timestamps_split_readings_and_payload_time_is_the_fallback() -> (
     None
 ):
-    """Test that metrics with different timestamps make one reading each, and a metric without
-    its own timestamp takes the payload's."""
+    """Test that metrics with different timestamps make one reading each.
+
+    A metric without its own timestamp takes the payload's.
+    """
     intake = _intake()
     _map(intake, D, DBIRTH)
     payload = spb(
@@ -150,8 +155,10 @@ def test_sparkplug_route_alias_changes_are_returned_for_the_spool() -> None:
 
 
 def test_sparkplug_route_loaded_aliases_decode_data_after_a_restart() -> None:
-    """Test that the alias changes a first intake returned, loaded into a new one (as at a
-    restart, from the spool), decode a DDATA that arrives afterwards."""
+    """Test that alias changes loaded into a new intake decode a later DDATA, as at a restart.
+
+    The changes a first intake returned are loaded into a new one, as from the spool.
+    """
     first = _intake()
     rows = _map(first, N, NBIRTH).aliases + _map(first, D, DBIRTH).aliases
     second = _intake()
@@ -164,9 +171,11 @@ def test_sparkplug_route_loaded_aliases_decode_data_after_a_restart() -> None:
 
 
 def test_sparkplug_route_unknown_alias_is_rejected_and_a_rebirth_requested_once() -> None:
-    """Test that a DATA with an alias no birth defined is rejected (unknown_alias) and, on a
-    route with request_rebirth, the node is asked for its births (NCMD Node Control/Rebirth)
-    once per interval, not once per message."""
+    """Test that a DATA with an undefined alias is rejected, and rebirth asked once per interval.
+
+    It is rejected as unknown_alias; on a route with request_rebirth the node is asked for its
+    births (NCMD Node Control/Rebirth) once per interval, not once per message.
+    """
     published: list[tuple[str, bytes]] = []
     clock = Clock()
     intake = _intake(published, clock, request_rebirth=True)
@@ -260,8 +269,10 @@ def test_sparkplug_route_bad_messages_are_rejected_with_a_reason(
 
 
 def test_sparkplug_route_with_a_group_takes_only_that_group() -> None:
-    """Test that a route with sparkplug_group subscribes to its group only and leaves other
-    topics to other routes."""
+    """Test that a route with sparkplug_group subscribes to its group only.
+
+    Other topics are left to other routes.
+    """
     route = Route(format=PayloadFormat.SPARKPLUG_B, device_type="1", sparkplug_group="plant")
     intake = SparkplugIntake([route], "Asia/Shanghai")
 
@@ -293,8 +304,10 @@ def test_sparkplug_route_named_data_metrics_need_no_birth() -> None:
 def test_sparkplug_route_never_raises_on_any_payload(
     kind: str, device: str, payload: bytes
 ) -> None:
-    """Test that any bytes on any Sparkplug topic give readings, a skip or a reason, never an
-    exception (the alias state stays usable afterwards)."""
+    """Test that any bytes on any Sparkplug topic give readings, a skip or a reason, never raise.
+
+    The alias state stays usable afterwards.
+    """
     intake = _intake(request_rebirth=True)
     _map(intake, D, DBIRTH)
 

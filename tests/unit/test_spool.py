@@ -144,8 +144,11 @@ def test_spool_open_creates_missing_directories(tmp_path: Path) -> None:
 
 
 def test_spool_new_file_and_its_wal_are_private(path: Path) -> None:
-    """Test that a new spool, and its -wal (and -shm) file after a write, are readable and
-    writable by the owner only, even under a umask that would let everyone read them."""
+    """Test that the spool and its -wal/-shm files are private to the owner, whatever the umask.
+
+    A new spool, and its -wal (and -shm) file after a write, are readable and
+    writable by the owner only, even under a umask that would let everyone read them.
+    """
     old = os.umask(0)
     try:
         spool = SpoolStore.open(path, max_bytes=BIG)
@@ -200,7 +203,7 @@ def test_spool_commit_without_readings_returns_no_ids(spool: SpoolStore) -> None
     """Test that a commit of rejects only assigns no reading ids and leaves last_id alone."""
     done = spool.commit([], [_reject()])
 
-    expected = ([], 0, 0)
+    expected: tuple[list[int], int, int] = ([], 0, 0)
     assert expected == (done.ids, done.already_sent, spool.last_id)
 
 
@@ -455,7 +458,7 @@ def test_spool_is_full_follows_used_bytes(tmp_path: Path) -> None:
 
 def _limit_pages(spool: SpoolStore, extra: int) -> None:
     """Let the spool's connection grow by only ``extra`` pages: SQLite's way to fake a full disk."""
-    conn = spool._conn  # fault injection: max_page_count is a per-connection setting
+    conn = spool._conn  # noqa: SLF001 - fault injection: max_page_count is per connection
     pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
     conn.execute(f"PRAGMA max_page_count = {pages + extra}")
 

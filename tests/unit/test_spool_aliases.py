@@ -1,5 +1,7 @@
-"""The spool keeps Sparkplug alias tables: committed with their messages, read back at start,
-and a schema 2 spool gains the table when a newer bridge opens it."""
+"""The spool keeps Sparkplug alias tables: committed with their messages, read back at start.
+
+A schema 2 spool gains the table when a newer bridge opens it.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ def _reject() -> Reject:
 def test_spool_aliases_committed_with_messages_are_read_back_after_reopening(
     tmp_path: Path,
 ) -> None:
-    """Test that alias changes commit in order (a reset forgets the node's earlier aliases,
-    another node keeps its own) and survive closing and reopening the spool."""
+    """Test that alias changes commit in order and survive closing and reopening the spool.
+
+    A reset forgets the node's earlier aliases; another node keeps its own.
+    """
     path = tmp_path / "spool.db"
     store = SpoolStore.open(path, max_bytes=BIG)
     store.commit([], [], aliases=[("g/e1", 1, "Old", 9), ("g/e2", 1, "Other", 3)])
@@ -43,8 +47,10 @@ def test_spool_aliases_committed_with_messages_are_read_back_after_reopening(
 
 
 def test_spool_aliases_of_a_failed_commit_are_not_kept(tmp_path: Path) -> None:
-    """Test that alias changes belong to their transaction: when it fails, neither they nor
-    the dead letters committed with them are kept."""
+    """Test that alias changes belong to their transaction.
+
+    When it fails, neither they nor the dead letters committed with them are kept.
+    """
     store = SpoolStore.open(tmp_path / "spool.db", max_bytes=BIG)
     try:
         with pytest.raises(SpoolError):

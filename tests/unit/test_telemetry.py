@@ -26,8 +26,11 @@ def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
 
 @given(st.lists(st.sampled_from([0.0, *BUCKETS]) | st.floats(0, 10_000), max_size=50))
 def test_age_histogram_matches_prometheus_histogram_for_any_ages(ages: list[float]) -> None:
-    """Bucket counts (an age equal to a bound counts in that bucket), count and sum equal a
-    prometheus_client Histogram fed the same ages one at a time."""
+    """Test that bucket counts, count and sum equal a prometheus_client Histogram's.
+
+    The Histogram is fed the same ages one at a time; an age equal to a bound counts in that
+    bucket.
+    """
     reference, bulk = CollectorRegistry(), CollectorRegistry()
     histogram = Histogram("age_seconds", "ages", buckets=BUCKETS, registry=reference)
     for age in ages:
