@@ -168,11 +168,19 @@ class BareSubscriber:
             if event.get("event") == "subscribed":
                 self._subscribed.set()
 
+    def _reap(self) -> None:
+        """After the child's exit: let the reader finish, then close the pipe it read."""
+        if self._reader is not None:
+            self._reader.join(5)
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+
     def setup_session(self) -> None:
         """Create the persistent session (subscribe, disconnect) and wait for the exit."""
         self._spawn(["--setup-only"])
         assert self._proc is not None
         self._proc.wait(30)
+        self._reap()
 
     def start(self, *, wait_subscribed: bool = True) -> float:
         """Start counting; return when subscribed (or at once); the return is the start time."""
@@ -187,8 +195,7 @@ class BareSubscriber:
         """Wait for the child to finish; return its ``done`` line."""
         assert self._proc is not None
         self._proc.wait(self.timeout + 30)
-        if self._reader is not None:
-            self._reader.join(5)
+        self._reap()
         done = [line for line in self._lines if line.get("event") == "done"]
         if not done:
             raise RuntimeError(f"the bare subscriber exited {self._proc.returncode} without result")
@@ -199,6 +206,7 @@ class BareSubscriber:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(10)
+            self._reap()
 
 
 if __name__ == "__main__":
