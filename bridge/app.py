@@ -40,9 +40,8 @@ from bridge.intake.mqtt import MqttSource
 from bridge.intake.presets import SKIP_REASONS as PRESET_SKIP_REASONS
 from bridge.intake.registry import Registry
 from bridge.intake.sparkplug_route import REJECT_REASONS, SKIP_REASONS, SparkplugIntake
-from bridge.models import Batch
-from bridge.push.batching import Batcher
 from bridge.push.client import PushClient
+from bridge.push.delivery import build_delivery, push_client
 from bridge.push.feeder import Feeder
 from bridge.push.pusher import Pusher
 from bridge.spool.lock import SpoolLock
@@ -164,7 +163,7 @@ class App:
     async def _run(self) -> None:
         self._handle_signals()
         s = self.settings
-        async with self._push_client() as client:
+        async with push_client(self.settings.cloud, self.credentials) as client:
             pipeline = await self._build(client)
             self._pusher = pipeline.pusher
             self._ingest = pipeline.ingest
@@ -212,36 +211,17 @@ class App:
         )
         await server.start()
         spool = SpoolThread(store, self.metrics, self.health)
-        # Sized by the starting limit: batches beyond it wait in the spool, not in memory.
-        start_in_flight = min(s.cloud.initial_in_flight, s.cloud.max_in_flight)
-        queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * start_in_flight))
-        pusher = Pusher(
-            queue=queue,
-            send=client.push,
+        delivery = build_delivery(
+            s,
+            client=client,
             spool=spool,
             metrics=self.metrics,
             health=self.health,
-            max_in_flight=s.cloud.max_in_flight,
-            initial_in_flight=start_in_flight,
-            retry_initial=s.cloud.retry_initial_secs,
-            retry_max=s.cloud.retry_max_secs,
-            retry_after_max=s.cloud.retry_after_max_secs,
             on_credentials_problem=self.credentials.reload,
+            # Two group commits in memory, else live readings are read back from the spool.
+            min_pending=2 * min(s.spool.commit_max_rows, s.mqtt.receive_maximum),
         )
-        batcher = Batcher(
-            max_devices=s.batch.max_devices,
-            max_bytes=s.batch.max_bytes,
-            window_secs=s.batch.window_secs,
-            linger_secs=s.batch.linger_secs,
-            # Enough to fill every request in flight twice over and to take two group commits
-            # in memory (else live readings are read back from the spool); more costs memory.
-            max_pending=max(
-                2 * s.batch.max_devices * start_in_flight,
-                2 * min(s.spool.commit_max_rows, s.mqtt.receive_maximum),
-            ),
-            clock=time.time,
-        )
-        feeder = Feeder(spool=spool, batcher=batcher, queue=queue)
+        feeder, pusher = delivery.feeder, delivery.pusher
         mapper = Mapper(s.routes, s.timezone, max_payload_bytes=s.mqtt.max_payload_bytes)
         source = MqttSource(s.mqtt, mapper.subscriptions, self.metrics, self.health)
 
@@ -279,18 +259,6 @@ class App:
             registry=self._registry,
         )
         return _Pipeline(source, ingest, feeder, pusher, spool, server)
-
-    def _push_client(self) -> PushClient:
-        s = self.settings.cloud
-        return PushClient(
-            endpoint=s.endpoint,
-            credentials=self.credentials,
-            user_agent=s.user_agent,
-            timeout_secs=s.request_timeout_secs,
-            connect_timeout_secs=s.connect_timeout_secs,
-            verify_tls=s.verify_tls,
-            max_connections=s.max_in_flight,
-        )
 
     def _handle_signals(self) -> None:
         loop = asyncio.get_running_loop()

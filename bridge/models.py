@@ -9,7 +9,7 @@ pydantic validation would cost more than the rest of the pipeline together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import orjson
 
@@ -183,12 +183,13 @@ class SpooledReading:
     reading: Reading
 
 
-@dataclass(slots=True, frozen=True)
-class BatchKey:
+class BatchKey(NamedTuple):
     """How readings are partitioned into requests: one device type, one recordTime window.
 
     For the types whose entries carry no deviceId (15, 16), also one source: readings of two
-    sources at the same recordTime would otherwise merge into one entry.
+    sources at the same recordTime would otherwise merge into one entry. A named tuple, not a
+    frozen dataclass: it is made and hashed for every reading the batcher takes, and a tuple's
+    construction, hash and equality run in C.
     """
 
     device_type: str

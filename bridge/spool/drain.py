@@ -25,11 +25,7 @@ from bridge.config import Settings, load_settings
 from bridge.credentials import CredentialsProvider
 from bridge.errors import ConfigError, SpoolLockedError
 from bridge.health import Health
-from bridge.models import Batch
-from bridge.push.batching import Batcher
-from bridge.push.client import PushClient
-from bridge.push.feeder import Feeder
-from bridge.push.pusher import Pusher
+from bridge.push.delivery import build_delivery, push_client
 from bridge.spool.lock import SpoolLock
 from bridge.spool.store import SpoolStore
 from bridge.spool.thread import SpoolThread
@@ -73,41 +69,16 @@ async def drain_spool(settings: Settings, path: Path, *, give_up_secs: float) ->
         )
         spool = SpoolThread(store, metrics, health, stats_interval=0.5)
         before = await spool.stats()
-        client = PushClient(
-            endpoint=s.cloud.endpoint,
-            credentials=credentials,
-            user_agent=s.cloud.user_agent,
-            timeout_secs=s.cloud.request_timeout_secs,
-            connect_timeout_secs=s.cloud.connect_timeout_secs,
-            verify_tls=s.cloud.verify_tls,
-            max_connections=s.cloud.max_in_flight,
-        )
-        async with client:
-            start_in_flight = min(s.cloud.initial_in_flight, s.cloud.max_in_flight)
-            queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=max(2, 2 * start_in_flight))
-            pusher = Pusher(
-                queue=queue,
-                send=client.push,
+        async with push_client(s.cloud, credentials) as client:
+            delivery = build_delivery(
+                s,
+                client=client,
                 spool=spool,
                 metrics=metrics,
                 health=health,
-                max_in_flight=s.cloud.max_in_flight,
-                initial_in_flight=start_in_flight,
-                retry_initial=s.cloud.retry_initial_secs,
-                retry_max=s.cloud.retry_max_secs,
-                retry_after_max=s.cloud.retry_after_max_secs,
                 on_credentials_problem=credentials.reload,
             )
-            batcher = Batcher(
-                max_devices=s.batch.max_devices,
-                max_bytes=s.batch.max_bytes,
-                window_secs=s.batch.window_secs,
-                linger_secs=s.batch.linger_secs,
-                max_pending=2 * s.batch.max_devices * start_in_flight,
-                clock=time.time,
-            )
-            feeder = Feeder(spool=spool, batcher=batcher, queue=queue)
-            stages: list[Stage] = [feeder, pusher, spool]
+            stages: list[Stage] = [delivery.feeder, delivery.pusher, spool]
             after = before
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(stage.run()) for stage in stages]
