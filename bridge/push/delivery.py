@@ -65,7 +65,8 @@ def build_delivery(
         settings: the bridge's settings (``cloud`` and ``batch`` are read).
         client: sends one signed request.
         spool: where the readings are, and where completions go.
-        metrics, health: observability.
+        metrics: where the stages count what they do.
+        health: where the pusher reports the cloud's condition.
         on_credentials_problem: called when the cloud refuses the credentials.
         min_pending: the least the batcher may hold in memory (``run`` passes two group
             commits, so live readings are handed over instead of read back from the spool).
