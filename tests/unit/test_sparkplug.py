@@ -3,9 +3,9 @@
 The vectors S1-S4 are payloads written for this project (topic and metric names invented;
 Sparkplug has no standard names for meter quantities), checked by decoding them with Eclipse
 Tahu's ``sparkplug_b.proto`` through protoc's Python output (tests/data/sparkplug/README.md).
-The property tests build payloads with Google's protobuf runtime from a schema declared here
-with the proto's field numbers and types, so the reader is checked against an independent
-writer.
+The property tests build payloads with Google's protobuf runtime from a schema declared with
+the proto's field numbers and types (tests/support/sparkplug.py), so the reader is checked
+against an independent writer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import struct
 from typing import Any
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from bridge.intake.sparkplug import (
     metric_text,
     parse_topic,
 )
+from tests.support.sparkplug import Payload  # the reference writer: Google's protobuf runtime
 
 S1_DBIRTH = bytes.fromhex(
     "0880b89e868032121c0a0a566f6c746167652f4c3110011880b89e86803220096500806643121e0a0b506f77"
@@ -39,46 +39,6 @@ S1_DBIRTH = bytes.fromhex(
 S2_DDATA_INT32 = bytes.fromhex("08e8bf9e8680321211100218e8bf9e868032200350a4f4ffff0f1802")
 S3_DDATA_INT8_PYTHON = bytes.fromhex("08e8bf9e868032120e100518e8bf9e868032200150ff011803")
 S4_DDATA_INT8_JAVA = bytes.fromhex("08e8bf9e8680321211100518e8bf9e868032200150ffffffff0f1803")
-
-
-# -- the reference writer: Google's protobuf runtime, schema from sparkplug_b.proto's numbers ---
-
-_T = descriptor_pb2.FieldDescriptorProto
-
-
-def _payload_class() -> Any:
-    file = descriptor_pb2.FileDescriptorProto(name="spb_test.proto", package="spbtest")
-    payload = file.message_type.add(name="Payload")
-    for name, number, kind in (("timestamp", 1, _T.TYPE_UINT64), ("seq", 3, _T.TYPE_UINT64)):
-        payload.field.add(name=name, number=number, type=kind, label=_T.LABEL_OPTIONAL)
-    payload.field.add(
-        name="metrics",
-        number=2,
-        type=_T.TYPE_MESSAGE,
-        type_name=".spbtest.Payload.Metric",
-        label=_T.LABEL_REPEATED,
-    )
-    metric = payload.nested_type.add(name="Metric")
-    for name, number, kind in (
-        ("name", 1, _T.TYPE_STRING),
-        ("alias", 2, _T.TYPE_UINT64),
-        ("timestamp", 3, _T.TYPE_UINT64),
-        ("datatype", 4, _T.TYPE_UINT32),
-        ("is_null", 7, _T.TYPE_BOOL),
-        ("int_value", 10, _T.TYPE_UINT32),
-        ("long_value", 11, _T.TYPE_UINT64),
-        ("float_value", 12, _T.TYPE_FLOAT),
-        ("double_value", 13, _T.TYPE_DOUBLE),
-        ("boolean_value", 14, _T.TYPE_BOOL),
-        ("string_value", 15, _T.TYPE_STRING),
-    ):
-        metric.field.add(name=name, number=number, type=kind, label=_T.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("spbtest.Payload"))
-
-
-Payload = _payload_class()
 
 
 def test_sparkplug_vector_dbirth_decodes_names_aliases_types_and_values() -> None:
