@@ -1002,7 +1002,16 @@ def _safe_load(text: str) -> Any:
         if node is None:
             return None
         _expanded_size(node)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except (ValueError, OverflowError) as exc:
+            # PyYAML's resolvers take `0b_`, `0x` or `2024-13-01` for numbers and dates, and
+            # its constructors then fail on them with a bare ValueError. Not the exception's
+            # text: it may quote the value (a password, say).
+            raise _ConfigYamlError(
+                "a value looks like a number or a date but is not one (such as 0b_, 0x or"
+                f" 2024-13-01: {type(exc).__name__}); quote it to keep it as text"
+            ) from None
     finally:
         loader.dispose()
 

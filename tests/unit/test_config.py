@@ -465,6 +465,23 @@ def test_config_yaml_alias_that_contains_itself_is_refused(
     assert ("", True) == (error.key, "contains itself" in error.message)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["0b_\r\n", "mqtt:\n  password: 0x_\n", "timezone: 2024-13-01\n"],
+)
+def test_config_yaml_value_that_looks_like_a_number_or_date_is_a_config_error(
+    write: typing.Callable[[str], Path], text: str
+) -> None:
+    """Test that a value PyYAML takes for a number or date but cannot build is a ConfigError.
+
+    `0b_` (found by the config fuzzer), `0x_` and `2024-13-01` made PyYAML raise a
+    bare ValueError; the error names no key (the file is not read yet) and says to quote it.
+    """
+    error = _error(write(text))
+
+    assert ("", True) == (error.key, "quote it to keep it as text" in error.message)
+
+
 def test_config_yaml_few_aliases_are_fine(write: typing.Callable[[str], Path]) -> None:
     """Test that ordinary use of anchors and aliases (a shared scale) still loads."""
     settings = load_settings(
